@@ -1,0 +1,351 @@
+"""Cost accounting, in one place: exact FLOPs, per-block cost tables, per-sample cost, latency.
+
+FLOPs are counted by :class:`torch.utils.flop_counter.FlopCounterMode` over the aten ops that really
+run: matrix multiplies and convolutions, 2 FLOPs per multiply-add (so FLOPs = 2 x MACs; torchvision's
+ResNet-50 at 224x224 is 8.18 GFLOPs = 4.09 GMACs). Element-wise ops (BN, ReLU, adds, pooling) are not
+counted, as in torchvision's and fvcore's figures.
+
+A conditional model's cost for one input is ``fixed + gates + sum_i executed_i * block_i +
+(1 - executed_i) * skipped_i`` where ``skipped_i`` is what a skipped block still runs (the projection
+shortcut of a downsampling block). :class:`CostTable` holds those numbers, measured once at batch 1.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = [
+    "CostTable",
+    "LatencyStats",
+    "analytic_flops",
+    "block_modules",
+    "build_cost_table",
+    "conv2d_flops",
+    "count_flops",
+    "flops_by_module",
+    "linear_flops",
+    "measure_latency",
+    "profile_blocks",
+]
+
+
+# ---------------------------------------------------------------------------------------------- FLOPs
+def count_flops(fn: Callable[..., Any] | nn.Module, *inputs: Any) -> int:
+    """Exact FLOPs of one call ``fn(*inputs)``, counted over the ops that run (no_grad)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn(*inputs)
+    return int(counter.get_total_flops())
+
+
+def flops_by_module(model: nn.Module, *inputs: Any) -> dict[str, int]:
+    """FLOPs of one forward pass per submodule path (``""`` is the whole call; ``"layer1.0"`` a block).
+
+    A module called several times (a shared gate, say) accumulates all its calls.
+    """
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*inputs)
+    root = type(model).__name__
+    out: dict[str, int] = {}
+    for key, per_op in counter.get_flop_counts().items():
+        if key == "Global":
+            out[""] = int(sum(per_op.values()))
+        elif key == root or key.startswith(root + "."):
+            out[key[len(root) + 1 :]] = int(sum(per_op.values()))
+    out.setdefault("", int(counter.get_total_flops()))
+    return out
+
+
+def conv2d_flops(
+    in_channels: int, out_channels: int, kernel_size: tuple[int, int], out_hw: tuple[int, int], groups: int = 1,
+    bias: bool = False, batch: int = 1,
+) -> int:
+    """Hand formula: 2 x (C_in/groups x k_h x k_w) x C_out x H_out x W_out multiply-adds per sample.
+
+    ``bias`` is accepted for completeness and adds nothing: the counters treat bias adds as element-wise.
+    """
+    macs = (in_channels // groups) * kernel_size[0] * kernel_size[1] * out_channels * out_hw[0] * out_hw[1]
+    return 2 * macs * batch
+
+
+def linear_flops(in_features: int, out_features: int, rows: int = 1) -> int:
+    """Hand formula: 2 x in x out per row."""
+    return 2 * in_features * out_features * rows
+
+
+def analytic_flops(model: nn.Module, *inputs: Any) -> int:
+    """FLOPs from module shapes (forward hooks on Conv2d and Linear), independent of FlopCounterMode.
+
+    Used to cross-check :func:`count_flops`; models whose matmuls are not in Conv2d/Linear modules
+    (attention, say) are under-counted here, not by :func:`count_flops`.
+    """
+    total = 0
+
+    def conv_hook(m: nn.Conv2d, args, out: torch.Tensor) -> None:
+        nonlocal total
+        total += conv2d_flops(m.in_channels, m.out_channels, m.kernel_size, tuple(out.shape[-2:]), m.groups,
+                              batch=out.shape[0])
+
+    def linear_hook(m: nn.Linear, args, out: torch.Tensor) -> None:
+        nonlocal total
+        total += linear_flops(m.in_features, m.out_features, rows=out.numel() // m.out_features)
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.Linear):
+            handles.append(m.register_forward_hook(linear_hook))
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+# ----------------------------------------------------------------------------------------- cost table
+def block_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's conditional units (residual blocks) as ``(path, module)`` in execution order.
+
+    Uses ``model.blocks()`` where the model defines it (every ResNet in the registry does); otherwise
+    the residual blocks torchvision and timm define; otherwise the model's direct children.
+    """
+    paths = {m: name for name, m in model.named_modules()}
+    blocks_fn = getattr(model, "blocks", None)
+    if callable(blocks_fn):
+        return [(paths[m], m) for m in blocks_fn()]
+    residual = _known_residual_block_types()
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, residual)]
+    return found or list(model.named_children())
+
+
+def _known_residual_block_types() -> tuple[type, ...]:
+    from torchvision.models.resnet import BasicBlock as TvBasic
+    from torchvision.models.resnet import Bottleneck as TvBottleneck
+
+    types: list[type] = [TvBasic, TvBottleneck]
+    try:
+        from timm.models.resnet import BasicBlock as TimmBasic
+        from timm.models.resnet import Bottleneck as TimmBottleneck
+
+        types += [TimmBasic, TimmBottleneck]
+    except ImportError:  # pragma: no cover - timm is a dependency, but the table does not need it
+        pass
+    return tuple(types)
+
+
+@dataclass(frozen=True)
+class CostTable:
+    """Per-sample FLOPs of a model split into fixed parts and skippable blocks (measured at batch 1).
+
+    Attributes:
+        block_names: module paths of the skippable blocks, in execution order.
+        block_flops: FLOPs of each block when it runs, shape ``[N]``.
+        skip_flops: FLOPs each block still spends when skipped (its projection shortcut), ``[N]``.
+        fixed_flops: FLOPs outside blocks and gates (stem, head).
+        gate_flops: FLOPs of all decision modules (gates) for one sample; 0 for static models.
+        input_shape: the per-sample input shape the table was measured at.
+    """
+
+    block_names: tuple[str, ...]
+    block_flops: torch.Tensor
+    skip_flops: torch.Tensor
+    fixed_flops: float
+    gate_flops: float = 0.0
+    input_shape: tuple[int, ...] = field(default=())
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_names)
+
+    @property
+    def full_flops(self) -> float:
+        """FLOPs per sample with every block executed (gates included)."""
+        return self.fixed_flops + self.gate_flops + float(self.block_flops.sum())
+
+    def per_sample(self, executed: torch.Tensor) -> torch.Tensor:
+        """FLOPs per sample for block-execution indicators ``executed`` of shape ``[B, N]`` (0/1).
+
+        Returns a float64 tensor ``[B]``: fixed + gates + executed blocks + shortcuts of skipped ones.
+        """
+        if executed.shape[-1] != self.num_blocks:
+            raise ValueError(f"executed has {executed.shape[-1]} columns, the table has {self.num_blocks} blocks")
+        e = executed.to(torch.float64)
+        full, skip = self.block_flops.to(e.device), self.skip_flops.to(e.device)
+        return self.fixed_flops + self.gate_flops + e @ full + (1.0 - e) @ skip
+
+    def computation_percentage(self, executed: torch.Tensor) -> torch.Tensor:
+        """SkipNet's "computation percentage": (sum_i executed_i + 1) / (N + 1), per sample, in percent.
+
+        It weights blocks equally and ignores gates; kept to compare with the paper, not as a cost.
+        """
+        return 100.0 * (executed.to(torch.float64).sum(-1) + 1.0) / (self.num_blocks + 1.0)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per block plus the fixed and gate parts, for tables and JSON."""
+        total = self.full_flops
+        rows = [{"unit": "(fixed: stem, head)", "flops": self.fixed_flops, "skipped_flops": self.fixed_flops}]
+        if self.gate_flops:
+            rows.append({"unit": "(gates)", "flops": self.gate_flops, "skipped_flops": self.gate_flops})
+        rows += [
+            {"unit": n, "flops": float(f), "skipped_flops": float(s)}
+            for n, f, s in zip(self.block_names, self.block_flops.tolist(), self.skip_flops.tolist())
+        ]
+        for r in rows:
+            r["share_pct"] = 100.0 * r["flops"] / total if total else 0.0
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input_shape": list(self.input_shape),
+            "full_flops": self.full_flops,
+            "fixed_flops": self.fixed_flops,
+            "gate_flops": self.gate_flops,
+            "blocks": [
+                {"name": n, "flops": float(f), "skipped_flops": float(s)}
+                for n, f, s in zip(self.block_names, self.block_flops.tolist(), self.skip_flops.tolist())
+            ],
+        }
+
+
+def build_cost_table(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    blocks: Sequence[tuple[str, nn.Module]] | None = None,
+    gates: Iterable[str] = (),
+    forward: Callable[[torch.Tensor], Any] | None = None,
+) -> CostTable:
+    """Measure a :class:`CostTable` with one batch-1 forward pass under FlopCounterMode.
+
+    Args:
+        model: the network (static, or conditional with every block executed by ``forward``).
+        example_input: one input; only its first sample is used.
+        blocks: the skippable blocks; by default :func:`block_modules`.
+        gates: module paths of decision modules (their FLOPs go to ``gate_flops``).
+        forward: how to run the model with every block executed; default ``model(x)``.
+    """
+    x = example_input[:1]
+    blocks = list(blocks) if blocks is not None else block_modules(model)
+    was_training = model.training
+    model.eval()
+    try:
+        per_module = _flops_by_module_call(model, forward or model, x)
+    finally:
+        model.train(was_training)
+    total = per_module[""]
+    names = tuple(n for n, _ in blocks)
+    block_flops = torch.tensor([float(per_module.get(n, 0)) for n in names], dtype=torch.float64)
+    skip = []
+    for n, m in blocks:
+        # What a skipped block still runs: its projection shortcut (torchvision/timm name it downsample).
+        ds = getattr(m, "downsample", None)
+        skip.append(float(per_module.get(f"{n}.downsample", 0)) if isinstance(ds, nn.Module) else 0.0)
+    gate_flops = float(sum(per_module.get(g, 0) for g in gates))
+    fixed = float(total) - float(block_flops.sum()) - gate_flops
+    return CostTable(names, block_flops, torch.tensor(skip, dtype=torch.float64), fixed, gate_flops,
+                     tuple(x.shape[1:]))
+
+
+def _flops_by_module_call(model: nn.Module, forward: Callable[..., Any], x: torch.Tensor) -> dict[str, int]:
+    if forward is model:
+        return flops_by_module(model, x)
+
+    class _Call(nn.Module):  # lets a custom forward be tracked with the model's module paths
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = model
+
+        def forward(self, inp):
+            return forward(inp)
+
+    counts = flops_by_module(_Call(), x)
+    return {("" if k == "" else k[2:] if k.startswith("m.") else k): v for k, v in counts.items() if k != "m"}
+
+
+# -------------------------------------------------------------------------------------------- latency
+@dataclass(frozen=True)
+class LatencyStats:
+    """Wall-time statistics over repeats, in milliseconds."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    mean_ms: float
+    std_ms: float
+    min_ms: float
+    repeats: int
+    device: str
+
+    @classmethod
+    def from_samples(cls, samples_ms: Sequence[float], device: str) -> "LatencyStats":
+        s = sorted(samples_ms)
+        q = statistics.quantiles(s, n=10, method="inclusive") if len(s) > 1 else [s[0]] * 9
+        return cls(
+            median_ms=statistics.median(s), p10_ms=q[0], p90_ms=q[-1], mean_ms=statistics.fmean(s),
+            std_ms=statistics.pstdev(s), min_ms=s[0], repeats=len(s), device=device,
+        )
+
+
+def measure_latency(
+    fn: Callable[[], Any], device: torch.device | str | None = None, warmup: int = 10, repeats: int = 50
+) -> LatencyStats:
+    """Time ``fn()`` after ``warmup`` calls: CUDA events on a GPU, ``perf_counter`` on the CPU."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        samples: list[float] = []
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            for _ in range(repeats):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                samples.append(start.elapsed_time(end))
+        else:
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                samples.append((time.perf_counter() - t0) * 1e3)
+    return LatencyStats.from_samples(samples, str(device))
+
+
+def profile_blocks(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    blocks: Sequence[tuple[str, nn.Module]] | None = None,
+    warmup: int = 5,
+    repeats: int = 20,
+) -> dict[str, LatencyStats]:
+    """Latency of the whole model and of each block on the input it really receives.
+
+    Each block's input is captured with a forward pre-hook during one pass, then the block is timed
+    alone on it. Returns ``{"(model)": stats, "<block path>": stats, ...}``.
+    """
+    blocks = list(blocks) if blocks is not None else block_modules(model)
+    device = example_input.device
+    captured: dict[str, tuple] = {}
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: captured.__setitem__(n, args)) for n, m in blocks]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {"(model)": measure_latency(lambda: model(example_input), device, warmup, repeats)}
+    for n, m in blocks:
+        if n in captured:
+            args = captured[n]
+            out[n] = measure_latency(lambda m=m, a=args: m(*a), device, warmup, repeats)
+    return out

@@ -31,7 +31,10 @@ def read_state_dict(path: str | Path, prefix: str = "net.") -> dict[str, torch.T
 def load_pretrained(model: nn.Module, pretrained: str | None) -> nn.Module:
     """Load weights from a local file into ``model`` (strictly: every key must match)."""
     if pretrained:
-        missing, unexpected = model.load_state_dict(read_state_dict(pretrained), strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(read_state_dict(pretrained), strict=False)
+        except RuntimeError as e:  # shape mismatches raise even with strict=False
+            missing, unexpected = [str(e).splitlines()[1].strip()], []
         if missing or unexpected:
             raise UserError(
                 f"weights in {pretrained!r} do not fit {type(model).__name__}: missing {missing[:5]}, "

@@ -1,0 +1,12 @@
+"""Lightning DataModules, one per data set, chosen by the ``data=`` config group."""
+
+from experiments.data.base import ClassificationDataModule, TensorImageDataset, split_indices
+from experiments.data.digits import DigitsDataModule
+from experiments.data.mnist import MNISTDataModule
+from experiments.data.synthetic import SyntheticDataModule
+from experiments.data.vision import CIFAR10DataModule, CIFAR100DataModule, ImageNetDataModule, SVHNDataModule
+
+__all__ = [
+    "CIFAR10DataModule", "CIFAR100DataModule", "ClassificationDataModule", "DigitsDataModule", "ImageNetDataModule",
+    "MNISTDataModule", "SVHNDataModule", "SyntheticDataModule", "TensorImageDataset", "split_indices",
+]

@@ -1,0 +1,64 @@
+"""Test a trained checkpoint on the test (or val) split.
+
+    python -m experiments.eval experiment=mnist_resnet38 ckpt_path=logs/train/runs/mnist_resnet38/<time>
+
+``ckpt_path`` is a ``.ckpt`` file or a training run folder (its best checkpoint is used). The model and
+data configs must match the ones the checkpoint was trained with (the same ``experiment=``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+import experiments  # noqa: F401
+from experiments.utils import (extras, instantiate_list, metrics_dict, output_dir, resolve_checkpoint, user_facing,
+                               write_run_record)
+from gating.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@user_facing
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Load the checkpoint into the configured model and test it; returns the run record."""
+    ckpt = resolve_checkpoint(cfg.ckpt_path)
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule: pl.LightningDataModule = instantiate(cfg.data)
+    model: pl.LightningModule = instantiate(cfg.model)
+    loggers = instantiate_list(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
+    try:
+        if cfg.get("split", "test") == "val":
+            trainer.validate(model=model, datamodule=datamodule, ckpt_path=str(ckpt))
+        else:
+            trainer.test(model=model, datamodule=datamodule, ckpt_path=str(ckpt))
+    except RuntimeError as e:
+        if "state_dict" in str(e):
+            raise UserError(f"checkpoint {str(ckpt)!r} does not fit model {cfg.model.get('name')!r}: evaluate with "
+                            f"the experiment it was trained with (experiment=...)") from None
+        raise
+    record = {
+        "task": cfg.task_name,
+        "checkpoint": str(ckpt),
+        "split": cfg.get("split", "test"),
+        "output_dir": str(output_dir()),
+        "metrics": metrics_dict(trainer.callback_metrics),
+    }
+    write_run_record(cfg, record)
+    return record
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="eval.yaml")
+def main(cfg: DictConfig) -> None:
+    extras(cfg)
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""What every entry point shares: error reporting, instantiation of lists, run records."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from gating.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def user_facing(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Run ``task``; a mistake the user can fix ends with one line on stderr and exit status 2.
+
+    Also closes a wandb run whatever happens, so a crashed sweep job does not hang the next one.
+    """
+
+    @functools.wraps(task)
+    def wrapped(cfg: DictConfig) -> Any:
+        try:
+            return task(cfg)
+        except (UserError, InstantiationException, FileNotFoundError) as e:
+            msg = explain(e)
+            if msg is None:
+                raise
+            log.error(msg)
+            print(f"error: {msg}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        finally:
+            if "wandb" in sys.modules:
+                import wandb
+
+                if wandb.run is not None:
+                    wandb.finish()
+
+    return wrapped
+
+
+def explain(e: BaseException) -> str | None:
+    """The one-line message for a user error, or None where it is a bug (then the traceback shows)."""
+    cause: BaseException | None = e
+    while cause is not None:  # instantiate() wraps what the builder raised
+        if isinstance(cause, UserError):
+            return str(cause)
+        cause = cause.__cause__
+    if isinstance(e, InstantiationException):
+        text = str(e).splitlines()[0] if str(e) else repr(e)
+        if "unexpected keyword argument" in text or "missing" in text or "Error locating target" in text:
+            return f"{text} — check the keys of that node in the config (python -m experiments.train --cfg job)"
+        return None
+    if isinstance(e, FileNotFoundError):
+        return f"{e}; check the path in the config"
+    return None
+
+
+def extras(cfg: DictConfig) -> None:
+    """Optional conveniences before a run: silence warnings, print the resolved config."""
+    if cfg.get("extras", {}).get("ignore_warnings"):
+        warnings.filterwarnings("ignore")
+        logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+    if cfg.get("extras", {}).get("print_config"):
+        log.info("resolved config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def instantiate_list(node: DictConfig | None) -> list[Any]:
+    """Instantiate every child of ``node`` that has a ``_target_`` (callbacks, loggers)."""
+    if not node:
+        return []
+    return [instantiate(c) for c in node.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def output_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def run_config(cfg: DictConfig) -> dict[str, Any]:
+    """The run's resolved config as plain containers, without Hydra's own node."""
+    return {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+            for k, v in cfg.items() if k != "hydra"}
+
+
+def write_run_record(cfg: DictConfig, record: dict[str, Any], out: Path | None = None) -> Path:
+    """Write the resolved config (``config.yaml``) and ``metrics.json`` into the run folder."""
+    out = out or output_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(run_config(cfg)))
+    path = out / "metrics.json"
+    path.write_text(json.dumps(_jsonable(record), indent=2, sort_keys=True))
+    log.info("run record: %s", path)
+    return path
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return x.item() if x.numel() == 1 else x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def metrics_dict(*sources: dict[str, Any]) -> dict[str, float]:
+    """Merge metric dicts into plain floats."""
+    out: dict[str, float] = {}
+    for src in sources:
+        for k, v in src.items():
+            out[k] = float(v.item() if isinstance(v, torch.Tensor) else v)
+    return out
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or the best (else last) checkpoint of a training run folder."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    if p.is_dir():
+        record = p / "metrics.json"
+        if record.is_file():
+            best = json.loads(record.read_text()).get("checkpoints", {}).get("best")
+            if best and Path(best).is_file():
+                return Path(best)
+        ckpts = sorted((p / "checkpoints").glob("*.ckpt"), key=lambda f: f.stat().st_mtime) if (
+            p / "checkpoints").is_dir() else []
+        last = p / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            return last
+        if ckpts:
+            return ckpts[-1]
+        raise UserError(f"run folder {str(p)!r} holds no checkpoint (checkpoints/*.ckpt): train first, or pass "
+                        f"ckpt_path=<file.ckpt>")
+    raise UserError(f"checkpoint {str(p)!r} not found: pass ckpt_path=<a .ckpt file or a training run folder "
+                    f"under logs/train/runs/>")
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class Stopwatch:
+    """Named wall-clock timings in seconds."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        sw = self
+
+        class _Ctx:
+            def __enter__(self_inner):
+                self_inner.t0 = time.perf_counter()
+
+            def __exit__(self_inner, *exc):
+                sw.times[name] = round(time.perf_counter() - self_inner.t0, 3)
+
+        return _Ctx()

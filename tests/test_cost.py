@@ -1,0 +1,142 @@
+"""Cost accounting against hand-computed counts and batch-1 FlopCounterMode runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from gating import create_model
+from gating.cost import (CostTable, analytic_flops, block_modules, build_cost_table, conv2d_flops, count_flops,
+                         flops_by_module, linear_flops, measure_latency, profile_blocks)
+
+
+def test_conv_flops_by_hand():
+    conv = nn.Conv2d(3, 8, kernel_size=3, padding=1, bias=True)
+    x = torch.randn(1, 3, 10, 10)
+    hand = 2 * (3 * 3 * 3) * 8 * 10 * 10  # 2 x (C_in k_h k_w) x C_out x H_out x W_out
+    assert hand == 43_200
+    assert count_flops(conv, x) == hand
+    assert analytic_flops(conv, x) == hand
+    assert conv2d_flops(3, 8, (3, 3), (10, 10)) == hand
+
+
+def test_strided_grouped_conv_flops_by_hand():
+    conv = nn.Conv2d(8, 16, kernel_size=3, stride=2, padding=1, groups=2, bias=False)
+    x = torch.randn(3, 8, 9, 9)  # output 5x5; batch 3
+    hand = 3 * 2 * (8 // 2) * 3 * 3 * 16 * 5 * 5
+    assert count_flops(conv, x) == hand == analytic_flops(conv, x)
+
+
+def test_linear_flops_by_hand():
+    lin = nn.Linear(20, 7)
+    assert count_flops(lin, torch.randn(5, 20)) == 2 * 20 * 7 * 5 == linear_flops(20, 7, rows=5)
+    # Leading dimensions multiply the rows.
+    assert count_flops(lin, torch.randn(5, 4, 20)) == 2 * 20 * 7 * 20 == analytic_flops(lin, torch.randn(5, 4, 20))
+
+
+def test_flops_scale_linearly_with_batch():
+    net = create_model("resnet20_cifar", num_classes=10, in_chans=3).eval()
+    one = count_flops(net, torch.randn(1, 3, 32, 32))
+    assert count_flops(net, torch.randn(4, 3, 32, 32)) == 4 * one
+
+
+@pytest.mark.parametrize(
+    "name,shape",
+    [("resnet20_cifar", (3, 32, 32)), ("resnet38_cifar", (1, 28, 28)), ("resnet18", (3, 64, 64)),
+     ("resnet50", (3, 64, 64)), ("tiny_cnn", (1, 28, 28)), ("timm/resnet18", (3, 64, 64))],
+)
+def test_block_table_sums_to_whole_model(name, shape):
+    net = create_model(name, num_classes=10, in_chans=shape[0]).eval()
+    x = torch.randn(1, *shape)
+    table = build_cost_table(net, x)
+    whole = count_flops(net, x)
+    assert table.full_flops == whole
+    assert analytic_flops(net, x) == whole  # the shape formula agrees with FlopCounterMode
+    assert table.num_blocks > 0 and table.block_flops.sum() > 0  # pooling layers may count 0
+
+
+def test_cifar_resnet_block_table_structure():
+    net = create_model("resnet110_cifar", num_classes=10, in_chans=3)
+    table = build_cost_table(net, torch.randn(1, 3, 32, 32))
+    assert table.num_blocks == 54
+    assert table.block_names[0] == "layer1.0" and table.block_names[-1] == "layer3.17"
+    # Only the two downsampling blocks keep a cost when skipped: their 1x1 projection shortcut.
+    downsampling = [n for n, s in zip(table.block_names, table.skip_flops.tolist()) if s > 0]
+    assert downsampling == ["layer2.0", "layer3.0"]
+    # 1x1 conv 16->32 at 16x16, stride 2, by hand.
+    assert table.skip_flops[table.block_names.index("layer2.0")] == conv2d_flops(16, 32, (1, 1), (16, 16))
+
+
+def _conditional_forward(net, x, executed):
+    """Reference conditional execution: skipped blocks run only their shortcut."""
+    x = net.stem(x)
+    for run, block in zip(executed.tolist(), net.blocks()):
+        if run:
+            x = block(x)
+        elif block.downsample is not None:
+            x = block.downsample(x)
+    return net.forward_head(x)
+
+
+@pytest.mark.parametrize("name,shape", [("resnet38_cifar", (1, 28, 28)), ("resnet50", (3, 64, 64))])
+def test_per_sample_cost_matches_batch1_conditional_runs(name, shape):
+    torch.manual_seed(0)
+    net = create_model(name, num_classes=10, in_chans=shape[0]).eval()
+    x = torch.randn(6, *shape)
+    table = build_cost_table(net, x)
+    executed = torch.rand(6, table.num_blocks) < 0.5
+    executed[0] = True  # all blocks
+    executed[1] = False  # none
+    predicted = table.per_sample(executed)
+    assert predicted.dtype == torch.float64 and predicted.shape == (6,)
+    for i in range(6):
+        counted = count_flops(lambda inp: _conditional_forward(net, inp, executed[i]), x[i : i + 1])
+        assert predicted[i].item() == counted
+    assert predicted[0].item() == table.full_flops
+
+
+def test_gate_costs_and_computation_percentage():
+    table = CostTable(("a", "b", "c"), torch.tensor([10.0, 20.0, 30.0], dtype=torch.float64),
+                      torch.tensor([0.0, 5.0, 0.0], dtype=torch.float64), fixed_flops=7.0, gate_flops=3.0)
+    executed = torch.tensor([[1, 1, 1], [0, 0, 0], [1, 0, 1]])
+    assert table.per_sample(executed).tolist() == [70.0, 15.0, 55.0]
+    assert table.full_flops == 70.0
+    assert table.computation_percentage(executed).tolist() == [100.0, 25.0, 75.0]
+    with pytest.raises(ValueError, match="3 blocks"):
+        table.per_sample(torch.ones(1, 2))
+
+
+def test_flops_by_module_paths():
+    net = create_model("resnet20_cifar", num_classes=10, in_chans=3).eval()
+    counts = flops_by_module(net, torch.randn(1, 3, 32, 32))
+    assert counts[""] == count_flops(net, torch.randn(1, 3, 32, 32))
+    assert counts["layer1"] == sum(counts[f"layer1.{i}"] for i in range(3))
+    assert counts["fc"] == 2 * 64 * 10
+
+
+def test_block_discovery_falls_back_to_children():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+    net(torch.randn(1, 1, 8, 8))
+    names = [n for n, _ in block_modules(net)]
+    assert names == ["0", "1", "2", "3"]
+    assert build_cost_table(net, torch.randn(1, 1, 8, 8)).full_flops == count_flops(net, torch.randn(1, 1, 8, 8))
+
+
+def test_latency_profiler():
+    net = create_model("resnet20_cifar", num_classes=10, in_chans=1).eval()
+    stats = measure_latency(lambda: net(torch.randn(2, 1, 16, 16)), warmup=1, repeats=5)
+    assert stats.repeats == 5 and stats.device == "cpu"
+    assert 0 < stats.min_ms <= stats.median_ms <= stats.p90_ms
+    per_block = profile_blocks(net, torch.randn(2, 1, 16, 16), warmup=1, repeats=3)
+    assert set(per_block) == {"(model)"} | {n for n, _ in block_modules(net)}
+    assert all(s.median_ms > 0 for s in per_block.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+def test_latency_profiler_cuda():
+    net = create_model("resnet20_cifar", num_classes=10, in_chans=3).cuda().eval()
+    x = torch.randn(8, 3, 32, 32, device="cuda")
+    stats = measure_latency(lambda: net(x), device="cuda", warmup=2, repeats=5)
+    assert stats.device.startswith("cuda") and stats.median_ms > 0

@@ -1,0 +1,77 @@
+"""Every experiment config composes and runs one fast_dev_run step on the CPU, on small files in the
+real formats of its data set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+from experiments.train import train
+from tests.conftest import ROOT, compose_config, shrink
+from tests.helpers.fake_data import write_cifar, write_image_folder, write_mnist_full, write_svhn
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
+
+
+def _fake_data_for(cfg, tmp_path: Path) -> None:
+    """Point the experiment's data module at small files of its format."""
+    name = cfg.data.name
+    with open_dict(cfg):
+        if name == "mnist":
+            cfg.data.data_dir = str(write_mnist_full(tmp_path / "mnist", n_train=40, n_test=16))
+            cfg.data.val_size = 8
+        elif name in ("cifar10", "cifar100"):
+            cfg.data.data_dir = str(write_cifar(tmp_path / name, hundred=name == "cifar100"))
+            cfg.data.val_size = 10
+            cfg.data.download = False
+        elif name == "svhn":
+            cfg.data.data_dir = str(write_svhn(tmp_path / "svhn", n=24))
+            cfg.data.val_size = 4
+            cfg.data.download = False
+        elif name == "imagenet":
+            cfg.data.data_dir = str(write_image_folder(tmp_path / "imagenet", classes=3, per_class=4))
+            cfg.data.num_classes = 3
+            cfg.data.image_size = 64
+            cfg.data.val_size = 2
+        cfg.data.batch_size = 4
+        cfg.data.eval_batch_size = 4
+
+
+def test_experiments_are_found():
+    assert {"digits_resnet20", "mnist_resnet20", "mnist_resnet38", "mnist_resnet74", "mnist_linear", "mnist_mlp",
+            "mnist_tiny_cnn", "cifar10_resnet110"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_fast_dev_run(experiment, tmp_path, skip_integrity_checks):
+    cfg = shrink(compose_config("train.yaml", [f"experiment={experiment}"], tmp_path))
+    _fake_data_for(cfg, tmp_path)
+    with open_dict(cfg):
+        cfg.trainer.fast_dev_run = True
+        cfg.callbacks = None
+    record = train(cfg)
+    assert record["metrics"]["train/loss_step"] > 0
+    assert "test/acc" in record["metrics"] and record["metrics"]["test/gflops_per_img"] > 0
+    assert (tmp_path / "metrics.json").is_file() and (tmp_path / "config.yaml").is_file()
+
+
+def test_cifar10_resnet110_is_the_papers_recipe(tmp_path):
+    cfg = compose_config("train.yaml", ["experiment=cifar10_resnet110"], tmp_path)
+    assert cfg.model.net.model_name == "resnet110_cifar" and cfg.data.batch_size == 128
+    assert cfg.trainer.max_steps == 64000 and list(cfg.model.scheduler.milestones) == [32000, 48000]
+    opt = cfg.model.optimizer
+    assert (opt.lr, opt.momentum, opt.weight_decay) == (0.1, 0.9, 1e-4)
+    module = instantiate(cfg.model)
+    assert module.num_classes == 10
+
+
+def test_model_configs_fit_every_data_set(tmp_path):
+    """The model group takes num_classes/in_chans/image_size from the data group."""
+    for data, (c, n) in {"digits": (1, 10), "cifar100": (3, 100), "imagenet": (3, 1000)}.items():
+        for model in ("resnet20", "tv_resnet18", "linear", "tiny_cnn"):
+            cfg = compose_config("train.yaml", [f"data={data}", f"model={model}"], tmp_path)
+            net = instantiate(cfg.model.net)
+            assert net.num_classes == n and net.in_chans == c

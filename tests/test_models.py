@@ -1,0 +1,116 @@
+"""The model registry: every builder works, trains (every parameter gets a gradient), and fails clearly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gating import UserError, create_model, is_model, list_models
+from gating.backbones.cifar_resnet import CifarResNet
+
+# Small inputs keep the whole registry fast on a CPU.
+SHAPES = {"linear": (1, 8, 8), "mlp": (1, 8, 8), "tiny_cnn": (1, 16, 16)}
+
+
+def _shape(name: str) -> tuple[int, int, int]:
+    if name in SHAPES:
+        return SHAPES[name]
+    return (1, 16, 16) if name.endswith("_cifar") else (3, 32, 32)
+
+
+def _build(name: str):
+    c, h, _ = _shape(name)
+    kw = {"image_size": h} if name in ("linear", "mlp") else {}
+    return create_model(name, num_classes=7, in_chans=c, **kw)
+
+
+def test_registry_lists_the_families():
+    names = list_models()
+    for expected in ["resnet20_cifar", "resnet32_cifar", "resnet38_cifar", "resnet56_cifar", "resnet74_cifar",
+                     "resnet110_cifar", "resnet152_cifar", "resnet18", "resnet34", "resnet50", "resnet101",
+                     "resnet152", "linear", "mlp", "tiny_cnn"]:
+        assert expected in names
+    assert list_models("resnet*_cifar") == sorted(n for n in names if n.endswith("_cifar"))
+    assert is_model("timm/efficientnet_b0") and not is_model("nope")
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_forward_shapes_and_split(name):
+    net = _build(name).eval()
+    x = torch.randn(2, *_shape(name))
+    out = net(x)
+    assert out.shape == (2, 7) and net.num_classes == 7
+    assert torch.allclose(net.forward_head(net.forward_features(x)), out)
+    assert net.forward_head(net.forward_features(x), pre_logits=True).shape == (2, net.num_features)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_parameter_gets_a_gradient(name):
+    net = _build(name).train()
+    x = torch.randn(2, *_shape(name))
+    net(x).sum().backward()
+    missing = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"parameters without gradient: {missing}"
+
+
+def test_cifar_depths_and_parameter_counts():
+    blocks = {20: 9, 38: 18, 110: 54, 152: 75}
+    for depth, n_blocks in blocks.items():
+        net = create_model(f"resnet{depth}_cifar")
+        assert len(net.blocks()) == n_blocks
+    # He et al. report 0.27M (ResNet-20) and 1.7M (ResNet-110) parameters with identity shortcuts;
+    # the projection shortcuts SkipNet uses add two 1x1 convs (~2.6k weights plus BN).
+    p20 = sum(p.numel() for p in create_model("resnet20_cifar").parameters())
+    p110 = sum(p.numel() for p in create_model("resnet110_cifar").parameters())
+    assert 0.27e6 <= p20 <= 0.28e6 and 1.73e6 <= p110 <= 1.74e6
+    with pytest.raises(ValueError, match="6n\\+2"):
+        CifarResNet(21)
+
+
+def test_torchvision_resnet_matches_torchvision():
+    from torchvision.models import resnet50
+
+    ours, theirs = create_model("resnet50"), resnet50()
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters()) == 25_557_032
+    ours.load_state_dict(theirs.state_dict())  # same parameter names: torchvision weights load unchanged
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.allclose(ours.eval()(x), theirs.eval()(x), atol=1e-5)
+
+
+def test_in_chans_is_configurable():
+    assert create_model("resnet18", in_chans=1, num_classes=3).eval()(torch.randn(1, 1, 32, 32)).shape == (1, 3)
+    assert create_model("resnet38_cifar", in_chans=1).eval()(torch.randn(1, 1, 28, 28)).shape == (1, 10)
+
+
+def test_timm_models_by_name():
+    net = create_model("timm/resnet18", num_classes=5, in_chans=1)
+    assert net.eval()(torch.randn(1, 1, 32, 32)).shape == (1, 5)
+    with pytest.raises(UserError, match="timm has no model"):
+        create_model("timm/not_a_model_xyz")
+
+
+def test_unknown_name_is_a_clear_error():
+    with pytest.raises(UserError, match="unknown model 'resnet39_cifar'.*Did you mean.*resnet38_cifar"):
+        create_model("resnet39_cifar")
+
+
+def test_flat_models_need_image_size():
+    with pytest.raises(UserError, match="image_size"):
+        create_model("mlp", num_classes=10, in_chans=1)
+
+
+def test_pretrained_from_local_file(tmp_path):
+    src = create_model("resnet20_cifar", num_classes=4)
+    path = tmp_path / "w.pt"
+    torch.save(src.state_dict(), path)
+    loaded = create_model("resnet20_cifar", num_classes=4, pretrained=str(path))
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(src.eval()(x), loaded.eval()(x))
+    # A Lightning checkpoint (net. prefix under state_dict) loads too.
+    torch.save({"state_dict": {f"net.{k}": v for k, v in src.state_dict().items()}}, tmp_path / "w.ckpt")
+    loaded = create_model("resnet20_cifar", num_classes=4, pretrained=str(tmp_path / "w.ckpt"))
+    assert torch.equal(src(x), loaded.eval()(x))
+    with pytest.raises(UserError, match="do not fit"):
+        create_model("resnet20_cifar", num_classes=5, pretrained=str(path))
+    with pytest.raises(UserError, match="not found"):
+        create_model("resnet20_cifar", pretrained=str(tmp_path / "missing.pt"))

@@ -1,0 +1,148 @@
+"""The train/eval entry points: run records, checkpoint chaining, sweeps, loggers and user errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from experiments.eval import evaluate
+from experiments.train import train
+from tests.conftest import ROOT, compose_config, shrink
+
+
+def test_train_writes_record_and_eval_reproduces_it(train_cfg, tmp_path):
+    with open_dict(train_cfg):
+        train_cfg.trainer.max_epochs = 2
+        train_cfg.trainer.limit_test_batches = 2
+    record = train(train_cfg)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["checkpoints"]["best"] and os.path.isfile(saved["checkpoints"]["best"])
+    assert saved["data"]["splits"] == {"train": 512, "val": 128, "test": 128}
+    for key in ("train/loss_epoch", "val/acc", "val/acc_best", "test/acc", "test/loss", "test/gflops_per_img"):
+        assert key in saved["metrics"], key
+    assert "fit_s" in saved["timings"]
+    # The resolved config is written next to the metrics, with no interpolation left.
+    assert "${" not in (tmp_path / "config.yaml").read_text()
+
+    # eval on the run folder finds the best checkpoint and reproduces the test metrics.
+    eval_dir = tmp_path / "eval"
+    cfg = shrink(compose_config("eval.yaml", ["data=synthetic", "model=tiny_cnn", f"ckpt_path={tmp_path}"],
+                                eval_dir))
+    with open_dict(cfg):
+        cfg.trainer.limit_test_batches = 2
+    result = evaluate(cfg)
+    assert result["checkpoint"] == saved["checkpoints"]["best"]
+    assert result["metrics"]["test/acc"] == pytest.approx(record["metrics"]["test/acc"])
+    # Checkpoints load with torch.load(weights_only=True): no pickled code in them.
+    torch.load(saved["checkpoints"]["best"], weights_only=True)
+
+
+def test_resume_from_checkpoint(train_cfg, tmp_path):
+    first = train(train_cfg)
+    assert first["global_step"] == 2  # one epoch of two batches
+    last = json.loads((tmp_path / "metrics.json").read_text())["checkpoints"]["last"]
+    cfg = shrink(compose_config("train.yaml", ["data=synthetic", "model=tiny_cnn", f"ckpt_path={last}"],
+                                tmp_path / "resumed"))
+    with open_dict(cfg):
+        cfg.trainer.max_epochs = 2
+    record = train(cfg)
+    assert record["global_step"] == 4  # continued from the end of epoch 0, not from scratch
+
+
+def test_wandb_logger_offline_switch(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cfg = compose_config("train.yaml", ["data=synthetic", "model=linear", "logger=wandb",
+                                        "logger.wandb.offline=true"], tmp_path)
+    wandb_node = cfg.logger
+    cfg = shrink(cfg)
+    with open_dict(cfg):
+        cfg.logger = wandb_node
+        cfg.trainer.fast_dev_run = True
+        cfg.callbacks = None
+    assert cfg.logger.wandb.offline is True and cfg.logger.wandb.save_dir == str(tmp_path)
+    record = train(cfg)
+    assert "test/acc" in record["metrics"]
+
+
+def _run(args: list[str], tmp_path, module: str = "experiments.train") -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": ""}
+    env.pop("HYDRA_FULL_ERROR")
+    flags = [a for a in args if a.startswith("-")]  # Hydra's flags come before the overrides
+    overrides = [a for a in args if not a.startswith("-")]
+    return subprocess.run([sys.executable, "-m", module, *flags, f"paths.log_dir={tmp_path}", *overrides], cwd=ROOT,
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+FAST = ["data=synthetic", "trainer=cpu", "logger=[]", "++trainer.fast_dev_run=true", "extras.print_config=false"]
+
+
+def test_multirun_sweep(tmp_path):
+    res = _run(["-m", "model=linear,tiny_cnn", *FAST], tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    records = sorted(tmp_path.glob("train/multiruns/**/metrics.json"))
+    assert len(records) == 2
+    assert {json.loads(r.read_text())["model"]["name"] for r in records} == {"linear", "tiny_cnn"}
+
+
+def test_optuna_search_config_composes(tmp_path):
+    cfg = compose_config("train.yaml", ["hparams_search=mnist_optuna", "experiment=mnist_resnet38"], tmp_path)
+    assert cfg.optimized_metric == "val/acc_best"
+    assert "model.optimizer.lr" in cfg.hydra.sweeper.params
+
+
+@pytest.mark.slow
+def test_optuna_search_runs(tmp_path):
+    res = _run(["hparams_search=mnist_optuna", "model=linear", "hydra.sweeper.n_trials=2",
+                "hydra.sweeper.sampler.n_startup_trials=1", *FAST], tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (next(tmp_path.glob("train/multiruns/**/optimization_results.yaml"))).is_file()
+
+
+def test_config_typo_names_the_options(tmp_path):
+    res = _run(["model=resnet39"], tmp_path)
+    assert res.returncode != 0
+    assert "resnet39" in res.stderr and "Available options" in res.stderr and "resnet38" in res.stderr
+
+
+def test_unknown_key_is_reported(tmp_path):
+    res = _run(["trainer.max_epoch=3"], tmp_path)
+    assert res.returncode != 0 and "max_epoch" in res.stderr
+
+
+def _last_line(text: str) -> str:
+    return [line for line in text.strip().splitlines() if line.strip()][-1]
+
+
+def test_missing_data_folder_is_one_clear_line(tmp_path):
+    res = _run(["data=mnist", f"data.data_dir={tmp_path}/nowhere", "trainer=cpu", "logger=[]"], tmp_path)
+    assert res.returncode == 2
+    line = _last_line(res.stderr)
+    assert line.startswith("error: MNIST data folder") and "data.data_dir" in line and "Traceback" not in res.stderr
+
+
+def test_missing_checkpoint_is_one_clear_line(tmp_path):
+    res = _run([f"ckpt_path={tmp_path}/none.ckpt", "trainer=cpu", "logger=[]"], tmp_path, module="experiments.eval")
+    assert res.returncode == 2
+    line = _last_line(res.stderr)
+    assert line.startswith("error: checkpoint") and "ckpt_path=" in line and "Traceback" not in res.stderr
+
+
+def test_unknown_model_name_is_one_clear_line(tmp_path):
+    res = _run(["model=classifier", "model.net.model_name=resnet39_cifar", *FAST], tmp_path)
+    assert res.returncode == 2
+    assert _last_line(res.stderr).startswith("error: unknown model 'resnet39_cifar'. Did you mean")
+
+
+def test_cost_command_prints_the_table(tmp_path):
+    res = _run(["model=resnet20", "data=cifar10", "latency=true", "warmup=1", "repeats=2"], tmp_path,
+               module="experiments.cost")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "layer3.2" in res.stdout and "| True" in res.stdout
+    record = json.loads(next(tmp_path.glob("cost/runs/**/cost.json")).read_text())
+    assert record["summary"]["agree"] and record["summary"]["gflops_per_img"] == pytest.approx(0.0821, rel=1e-2)

@@ -21,7 +21,7 @@ from gating import create_model
 from gating.cost import analytic_flops, build_cost_table, count_flops
 
 
-@hydra.main(version_base="1.3", config_path="../configs/bench", config_name="flops.yaml")
+@hydra.main(version_base="1.3", config_path="../configs", config_name="bench/flops.yaml")
 def main(cfg: DictConfig) -> None:
     rows = []
     for spec in cfg.models:

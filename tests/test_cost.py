@@ -140,3 +140,29 @@ def test_latency_profiler_cuda():
     x = torch.randn(8, 3, 32, 32, device="cuda")
     stats = measure_latency(lambda: net(x), device="cuda", warmup=2, repeats=5)
     assert stats.device.startswith("cuda") and stats.median_ms > 0
+
+
+@pytest.mark.parametrize("name,weights", [("resnet50", "ResNet50_Weights"), ("resnet18", "ResNet18_Weights")])
+def test_imagenet_resnets_match_torchvision_published_gmacs(name, weights):
+    from torchvision import models as tvm
+
+    net = create_model(name).eval()
+    flops = count_flops(net, torch.randn(1, 3, 224, 224))
+    published_gmacs = getattr(tvm, weights).IMAGENET1K_V1.meta["_ops"]  # 4.089 for ResNet-50
+    assert flops / 2e9 == pytest.approx(published_gmacs, abs=5e-4)
+    if name == "resnet50":
+        assert flops == 8_178_368_512  # 8.18 GFLOPs = 4.09 GMACs
+
+
+def test_cifar_resnet110_flops_by_hand():
+    """ResNet-110 at 32x32: He et al.'s ~253M multiply-adds, here as an exact sum over its convs."""
+    n = 18
+    stem = conv2d_flops(3, 16, (3, 3), (32, 32))
+    stage1 = 2 * n * conv2d_flops(16, 16, (3, 3), (32, 32))
+    stage2 = conv2d_flops(16, 32, (3, 3), (16, 16)) + (2 * n - 1) * conv2d_flops(32, 32, (3, 3), (16, 16)) \
+        + conv2d_flops(16, 32, (1, 1), (16, 16))
+    stage3 = conv2d_flops(32, 64, (3, 3), (8, 8)) + (2 * n - 1) * conv2d_flops(64, 64, (3, 3), (8, 8)) \
+        + conv2d_flops(32, 64, (1, 1), (8, 8))
+    head = linear_flops(64, 10)
+    net = create_model("resnet110_cifar", num_classes=10, in_chans=3)
+    assert count_flops(net, torch.randn(1, 3, 32, 32)) == stem + stage1 + stage2 + stage3 + head == 506_299_648

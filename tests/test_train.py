@@ -93,7 +93,7 @@ def test_multirun_sweep(tmp_path):
 def test_optuna_search_config_composes(tmp_path):
     cfg = compose_config("train.yaml", ["hparams_search=mnist_optuna", "experiment=mnist_resnet38"], tmp_path)
     assert cfg.optimized_metric == "val/acc_best"
-    assert "model.optimizer.lr" in cfg.hydra.sweeper.params
+    assert "optimizer.lr" in cfg.hydra.sweeper.params
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from torchvision import models as tvm
 
 import experiments  # noqa: F401
 from experiments.report import machine_info, markdown_table, write_json
+from experiments.utils import run_hydra
 from gating import create_model
 from gating.cost import analytic_flops, build_cost_table, count_flops
 
@@ -54,4 +55,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra(main)

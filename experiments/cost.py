@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 import experiments  # noqa: F401
 from experiments.report import machine_info, markdown_table, pick_device, write_json
-from experiments.utils import output_dir, user_facing
+from experiments.utils import output_dir, run_hydra, user_facing
 from gating.cost import analytic_flops, build_cost_table, count_flops, profile_blocks
 
 log = logging.getLogger(__name__)
@@ -70,4 +70,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra(main)

@@ -17,8 +17,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import experiments  # noqa: F401
-from experiments.utils import (extras, instantiate_list, metrics_dict, output_dir, resolve_checkpoint, user_facing,
-                               write_run_record)
+from experiments.utils import (extras, instantiate_list, metrics_dict, output_dir, resolve_checkpoint, run_hydra,
+                               user_facing, write_run_record)
 from gating.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -61,4 +61,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra(main)

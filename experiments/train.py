@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 import experiments  # noqa: F401  (sets PROJECT_ROOT)
 from experiments.utils import (Stopwatch, count_parameters, extras, instantiate_list, metrics_dict, output_dir,
-                               run_config, user_facing, write_run_record)
+                               run_config, run_hydra, user_facing, write_run_record)
 
 log = logging.getLogger(__name__)
 
@@ -85,4 +85,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra(main)

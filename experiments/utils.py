@@ -5,14 +5,17 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
-from hydra.errors import InstantiationException
+from hydra.errors import (ConfigCompositionException, InstantiationException, MissingConfigException,
+                          OverrideParseException)
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -46,6 +49,35 @@ def user_facing(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any
                     wandb.finish()
 
     return wrapped
+
+
+def run_hydra(main: Callable[[], Any]) -> None:
+    """Call a ``hydra.main`` entry point so that a config mistake ends in one line and exit status 2.
+
+    Hydra prints composition errors over many lines (search path, hints); here the cause and the
+    valid choices go on one line. ``HYDRA_FULL_ERROR=1`` still gives the full traceback.
+    """
+    user_wants_trace = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra's exceptions reach us instead of printing them
+    try:
+        main()
+    except (MissingConfigException, ConfigCompositionException, OverrideParseException) as e:
+        if user_wants_trace:
+            raise
+        print(f"error: {config_error_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def config_error_line(e: Exception) -> str:
+    """One line for a Hydra composition error: what is wrong and what to do."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, MissingConfigException) and e.options:
+        return f"{first}; choose one of: {', '.join(sorted(e.options))}"
+    cause = e.__cause__
+    if cause is not None and "not in struct" in str(cause):
+        return (f"{first.rstrip('.')}: no such key ({str(cause).splitlines()[0]}); check its spelling with "
+                f"--cfg job, or add a new key with a leading +")
+    return " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
 
 
 def explain(e: BaseException) -> str | None:
@@ -154,19 +186,15 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 class Stopwatch:
-    """Named wall-clock timings in seconds."""
+    """Named wall-clock timings in seconds: ``with watch("fit_s"): ...``."""
 
     def __init__(self) -> None:
         self.times: dict[str, float] = {}
 
-    def __call__(self, name: str):
-        sw = self
-
-        class _Ctx:
-            def __enter__(self_inner):
-                self_inner.t0 = time.perf_counter()
-
-            def __exit__(self_inner, *exc):
-                sw.times[name] = round(time.perf_counter() - self_inner.t0, 3)
-
-        return _Ctx()
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = round(time.perf_counter() - t0, 3)

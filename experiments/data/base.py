@@ -68,14 +68,6 @@ def resolve_size(size: int | float, n: int) -> int:
     return int(round(size * n)) if isinstance(size, float) and 0 < size < 1 else int(size)
 
 
-def eval_transform(mean: Sequence[float], std: Sequence[float], pre: Sequence = ()) -> v2.Compose:
-    return v2.Compose([v2.ToImage(), *pre, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
-
-
-def train_transform(mean: Sequence[float], std: Sequence[float], augment: Sequence) -> v2.Compose:
-    return v2.Compose([v2.ToImage(), *augment, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
-
-
 class ClassificationDataModule(LightningDataModule):
     """Base for image classification data: subclasses build ``(train, val, test)`` in :meth:`build`.
 

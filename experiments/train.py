@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import experiments  # noqa: F401  (sets PROJECT_ROOT)
+import skipnet  # noqa: F401  (registers the SkipNet models)
 from experiments.utils import (Stopwatch, count_parameters, extras, instantiate_list, metrics_dict, output_dir,
                                run_config, run_hydra, user_facing, write_run_record)
 
@@ -69,6 +70,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "data": {"name": cfg.data.get("name"), "splits": datamodule.split_sizes()
                  if hasattr(datamodule, "split_sizes") else None},
     }
+    if getattr(model, "test_report", None):  # dynamic models: execution rates, skip patterns, ...
+        record["test_report"] = model.test_report
     write_run_record(cfg, record)
     for key in ("val/acc_best", "test/acc", "test/gflops_per_img"):
         if key in record["metrics"]:

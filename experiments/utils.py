@@ -19,6 +19,7 @@ from hydra.errors import (ConfigCompositionException, InstantiationException, Mi
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from gating.backbones.weights import resolve_checkpoint  # noqa: F401  (re-exported for entry points)
 from gating.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -155,30 +156,6 @@ def metrics_dict(*sources: dict[str, Any]) -> dict[str, float]:
         for k, v in src.items():
             out[k] = float(v.item() if isinstance(v, torch.Tensor) else v)
     return out
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or the best (else last) checkpoint of a training run folder."""
-    p = Path(path).expanduser()
-    if p.is_file():
-        return p
-    if p.is_dir():
-        record = p / "metrics.json"
-        if record.is_file():
-            best = json.loads(record.read_text()).get("checkpoints", {}).get("best")
-            if best and Path(best).is_file():
-                return Path(best)
-        ckpts = sorted((p / "checkpoints").glob("*.ckpt"), key=lambda f: f.stat().st_mtime) if (
-            p / "checkpoints").is_dir() else []
-        last = p / "checkpoints" / "last.ckpt"
-        if last.is_file():
-            return last
-        if ckpts:
-            return ckpts[-1]
-        raise UserError(f"run folder {str(p)!r} holds no checkpoint (checkpoints/*.ckpt): train first, or pass "
-                        f"ckpt_path=<file.ckpt>")
-    raise UserError(f"checkpoint {str(p)!r} not found: pass ckpt_path=<a .ckpt file or a training run folder "
-                    f"under logs/train/runs/>")
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -183,11 +183,14 @@ class CostTable:
         return self.fixed_flops + self.gate_flops + e @ full + (1.0 - e) @ skip
 
     def computation_percentage(self, executed: torch.Tensor) -> torch.Tensor:
-        """SkipNet's "computation percentage": (sum_i executed_i + 1) / (N + 1), per sample, in percent.
+        """SkipNet's "computation percentage", per sample: the share of blocks executed, in percent.
 
-        It weights blocks equally and ignores gates; kept to compare with the paper, not as a cost.
+        With block 0 always executed this is SkipNet's ``(sum_gates exec_rate + 1) / (num_gates + 1)``.
+        It weights blocks equally and ignores gates: kept to compare with the paper, not as a cost.
         """
-        return 100.0 * (executed.to(torch.float64).sum(-1) + 1.0) / (self.num_blocks + 1.0)
+        if executed.shape[-1] != self.num_blocks:
+            raise ValueError(f"executed has {executed.shape[-1]} columns, the table has {self.num_blocks} blocks")
+        return 100.0 * executed.to(torch.float64).mean(-1)
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per block plus the fixed and gate parts, for tables and JSON."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -10,15 +11,47 @@ import torch.nn as nn
 from gating.errors import UserError
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Find a checkpoint: a file as is; a training run folder's best (else last) checkpoint; or, for a
+    folder of runs (``logs/train/runs/<run_name>``), the newest finished run's.
+
+    This is how a training stage finds the previous stage's weights (base -> SP -> RL).
+    """
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    if p.is_dir():
+        record = p / "metrics.json"
+        if record.is_file():
+            best = json.loads(record.read_text()).get("checkpoints", {}).get("best")
+            if best and Path(best).is_file():
+                return Path(best)
+        ckpt_dir = p / "checkpoints"
+        if (ckpt_dir / "last.ckpt").is_file():
+            return ckpt_dir / "last.ckpt"
+        ckpts = sorted(ckpt_dir.glob("*.ckpt"), key=lambda f: f.stat().st_mtime) if ckpt_dir.is_dir() else []
+        if ckpts:
+            return ckpts[-1]
+        runs = sorted((r for r in p.iterdir() if (r / "metrics.json").is_file()), key=lambda r: r.name)
+        if runs:
+            return resolve_checkpoint(runs[-1])
+        raise UserError(f"folder {str(p)!r} holds no checkpoint (checkpoints/*.ckpt) and no finished run: run the "
+                        f"training stage that writes it first, or pass a .ckpt file")
+    raise UserError(f"checkpoint {str(p)!r} not found: pass ckpt_path=<a .ckpt file or a training run folder "
+                    f"under logs/train/runs/>")
+
+
 def read_state_dict(path: str | Path, prefix: str = "net.") -> dict[str, torch.Tensor]:
-    """Read a model state dict from a plain ``.pt`` file or a Lightning checkpoint.
+    """Read a model state dict from a plain ``.pt`` file, a Lightning checkpoint or a run folder.
 
     Lightning checkpoints keep the wrapped model under ``state_dict`` with a ``net.`` prefix; that
     prefix is stripped so the weights load into the bare model.
     """
     path = Path(path).expanduser()
+    if path.is_dir():
+        path = resolve_checkpoint(path)
     if not path.is_file():
-        raise UserError(f"weights file {str(path)!r} not found: pass the path of a .pt/.ckpt file that exists")
+        raise UserError(f"weights file {str(path)!r} not found: pass the path of a .pt/.ckpt file or run folder")
     obj = torch.load(path, map_location="cpu", weights_only=False)
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
     if not isinstance(state, dict):

@@ -1,0 +1,64 @@
+"""The one execution engine for conditional computation at batch > 1.
+
+``run_rows(fn_on, fn_off, x, on)`` computes ``fn_on`` on the rows where ``on`` is true and ``fn_off``
+on the others, and returns the rows in their original order. Only the selected rows are computed, so a
+batch gets cheaper as rows switch off: SkipNet's skipped blocks (``fn_off`` is the shortcut) and a
+cascade's deferred samples (``fn_off`` is nothing) both run through here.
+
+Where all rows agree (every gate open, or every gate closed) the whole batch takes one path with no
+gather; batch size 1 always does. Knowing how many rows are on needs their count on the host: one
+device synchronisation per call on a GPU (``nonzero``), which is cheap next to a residual block and
+lets the sub-batch have its true size. Shape-static alternatives (``nonzero_static``, masking) keep
+the full batch and so save no time.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Fn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def run_rows(fn_on: Fn, fn_off: Fn, x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+    """``fn_on(x[on])`` and ``fn_off(x[~on])`` merged back in row order.
+
+    Args:
+        fn_on: applied to the selected rows (e.g. a residual block).
+        fn_off: applied to the others (e.g. the block's shortcut; :func:`identity` for none).
+        x: the batch, rows first.
+        on: ``[B]`` bool (or 0/1) selection.
+
+    Both functions must map rows independently (eval-mode BatchNorm, convolutions) and give outputs
+    of the same shape per row.
+    """
+    on = on.bool()
+    if x.shape[0] == 1:
+        return fn_on(x) if bool(on[0]) else fn_off(x)
+    idx_on = on.nonzero().squeeze(1)
+    n_on = idx_on.numel()
+    if n_on == x.shape[0]:
+        return fn_on(x)
+    if n_on == 0:
+        return fn_off(x)
+    idx_off = (~on).nonzero().squeeze(1)
+    y_on, y_off = fn_on(x[idx_on]), fn_off(x[idx_off])
+    out = y_on.new_empty((x.shape[0], *y_on.shape[1:]))
+    out[idx_on] = y_on
+    out[idx_off] = y_off
+    return out
+
+
+def blend(y_on: torch.Tensor, y_off: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """Masked execution, as SkipNet's public code does: ``g * y_on + (1 - g) * y_off`` (every row computed).
+
+    Used in training, where straight-through gradients need both outputs for every row, and as the
+    baseline the real-skipping engine is measured against.
+    """
+    g = gate.view(-1, *([1] * (y_on.ndim - 1))).to(y_on.dtype)
+    return g * y_on + (1.0 - g) * y_off

@@ -1,0 +1,113 @@
+"""SkipNet's gates (Wang et al., ECCV'18) as pure modules.
+
+A gate sits after residual block ``i`` and decides whether block ``i + 1`` runs. Every gate here has
+the same call: ``gate(x, index, state) -> (logit, state)`` where ``x`` is block ``i``'s output,
+``index`` the gate position, ``logit`` the log-odds of executing (shape ``[B]``), and ``state`` the
+recurrent state (``None`` for feed-forward gates). State is passed in and out, never kept in the module,
+so one gate module serves any number of concurrent batches.
+
+Layer layouts follow ucbdrive/skipnet:cifar/models.py; the two-way softmax of the feed-forward gates
+is written as one logit (``l_execute - l_skip``), which gives the same probability.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+GateState = tuple[torch.Tensor, torch.Tensor] | None
+
+
+def _conv_bn_relu(c_in: int, c_out: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                         nn.ReLU(inplace=True))
+
+
+class _FFGateHead(nn.Module):
+    def __init__(self, body: nn.Module, channels: int) -> None:
+        super().__init__()
+        self.body = body
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Conv2d(channels, 2, 1)  # logits of (skip, execute)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        two = self.fc(self.pool(self.body(x))).flatten(1)
+        return two[:, 1] - two[:, 0]
+
+
+class FFGateI(nn.Module):
+    """FFGate-I: maxpool 2x2, 3x3 conv s1 + BN + ReLU, 3x3 conv s2 + BN + ReLU, global avgpool, 1x1 conv
+    to two logits. About 19% of a block's cost; SkipNet uses it for depths 38 and 74.
+
+    Args:
+        channels: the input channels of each gate position (the output channels of block ``i``).
+    """
+
+    recurrent = False
+
+    def __init__(self, channels: Sequence[int]) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(
+            _FFGateHead(nn.Sequential(nn.MaxPool2d(2, ceil_mode=True), _conv_bn_relu(c, c, 1), _conv_bn_relu(c, c, 2)),
+                        c) for c in channels)
+
+    def initial_state(self, batch: int, device: torch.device) -> GateState:
+        return None
+
+    def forward(self, x: torch.Tensor, index: int, state: GateState = None) -> tuple[torch.Tensor, GateState]:
+        return self.heads[index](x), state
+
+
+class FFGateII(FFGateI):
+    """FFGate-II: 3x3 conv s2 + BN + ReLU, global avgpool, 1x1 conv to two logits. About 12.5% of a block;
+    SkipNet uses it for depths above 100."""
+
+    def __init__(self, channels: Sequence[int]) -> None:
+        nn.Module.__init__(self)
+        self.heads = nn.ModuleList(_FFGateHead(_conv_bn_relu(c, c, 2), c) for c in channels)
+
+
+class RNNGate(nn.Module):
+    """RNNGate: per position, global avgpool and a linear embedding (SkipNet's 1x1 conv) to
+    ``embed_dim``; one LSTM cell shared by all positions; a linear projection to one logit.
+
+    About 0.04% of a block's cost. The LSTM state is reset for every input (``initial_state``) and
+    threaded through the positions by the caller.
+
+    Args:
+        channels: input channels per gate position.
+        embed_dim: embedding size (SkipNet: 10).
+        hidden_dim: LSTM hidden size (SkipNet: 10).
+        temperature: logits are divided by it (SkipNet's ImageNet recipe sharpens with 0.05).
+    """
+
+    recurrent = True
+
+    def __init__(self, channels: Sequence[int], embed_dim: int = 10, hidden_dim: int = 10,
+                 temperature: float = 1.0) -> None:
+        super().__init__()
+        self.embed = nn.ModuleList(nn.Linear(c, embed_dim) for c in channels)
+        self.lstm = nn.LSTMCell(embed_dim, hidden_dim)
+        self.proj = nn.Linear(hidden_dim, 1)
+        self.hidden_dim, self.temperature = hidden_dim, temperature
+
+    def initial_state(self, batch: int, device: torch.device) -> GateState:
+        z = torch.zeros(batch, self.hidden_dim, device=device)
+        return z, z
+
+    def forward(self, x: torch.Tensor, index: int, state: GateState = None) -> tuple[torch.Tensor, GateState]:
+        if state is None:
+            state = self.initial_state(x.shape[0], x.device)
+        e = self.embed[index](F.adaptive_avg_pool2d(x, 1).flatten(1))
+        h, c = self.lstm(e, state)
+        return self.proj(h).squeeze(1) / self.temperature, (h, c)
+
+
+def select_state(state: GateState, rows: torch.Tensor) -> GateState:
+    """The recurrent state of a subset of rows (for engines that split a batch)."""
+    if state is None:
+        return None
+    return state[0][rows], state[1][rows]

@@ -1,0 +1,65 @@
+"""How a gate's logit becomes a decision, for each training stage and for inference.
+
+``decide(logit, mode)`` returns a :class:`GateDecision`:
+
+* ``hard_st`` (supervised pre-training): execute if p > threshold in the forward pass; the backward
+  pass uses p (straight-through, SkipNet Eq. 7).
+* ``soft`` (the ablation): the gate value is p itself during training.
+* ``sample`` (hybrid RL): the action is drawn from Bernoulli(p); its log-probability feeds REINFORCE.
+* ``greedy`` (inference): execute if p > threshold, no gradient.
+
+``threshold`` above 0.5 makes a model skip more: the knob a server can turn under load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+MODES = ("hard_st", "soft", "sample", "greedy")
+
+
+@dataclass
+class GateDecision:
+    """One gate position for a batch.
+
+    Attributes:
+        gate: the value that blends block output and shortcut, ``[B]`` float (carries gradient in
+            ``hard_st`` and ``soft``).
+        action: 1.0 where the block executes, 0.0 where it is skipped, ``[B]``.
+        prob: probability of executing, ``[B]``.
+        log_prob: log-probability of ``action`` under the policy (``sample`` mode), else None.
+    """
+
+    gate: torch.Tensor
+    action: torch.Tensor
+    prob: torch.Tensor
+    log_prob: torch.Tensor | None = None
+
+
+def threshold_logit(threshold: float) -> float:
+    """The logit equivalent of a probability threshold (p > t  <=>  logit > log(t / (1 - t)))."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"gate threshold must be in (0, 1), got {threshold}")
+    return float(torch.logit(torch.tensor(threshold, dtype=torch.float64)))
+
+
+def decide(logit: torch.Tensor, mode: str, threshold: float = 0.5) -> GateDecision:
+    """Turn gate logits ``[B]`` into a decision (see the module docstring for the modes)."""
+    prob = torch.sigmoid(logit)
+    if mode == "greedy":
+        action = (logit > threshold_logit(threshold)).to(logit.dtype)
+        return GateDecision(action, action, prob)
+    if mode == "hard_st":
+        hard = (logit > threshold_logit(threshold)).to(logit.dtype)
+        return GateDecision(hard + prob - prob.detach(), hard, prob)
+    if mode == "soft":
+        return GateDecision(prob, (prob > threshold).to(logit.dtype), prob)
+    if mode == "sample":
+        action = torch.bernoulli(prob.detach())
+        # log Bernoulli(a; p) from logits, stable for large |logit|.
+        log_prob = -F.binary_cross_entropy_with_logits(logit, action, reduction="none")
+        return GateDecision(action, action, prob, log_prob)
+    raise ValueError(f"unknown gate mode {mode!r}; one of {MODES}")

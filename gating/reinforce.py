@@ -1,0 +1,42 @@
+"""Policy-gradient training of gates: SkipNet's hybrid-RL rewards and the REINFORCE loss.
+
+Per gate ``i`` (deciding block ``i + 1``): reward ``r_i = (1 - a_i) * alpha * c_i`` where ``c_i`` is the
+block's cost share (``1/N`` per gate in the paper, or its share of the gated FLOPs), and a terminal
+reward ``-beta * CE`` per sample. Returns are undiscounted: ``R_i = sum_{j >= i} r_j - beta * CE``.
+The policy-gradient loss is ``-sum_i log pi(a_i) * (R_i - b)``, averaged over the batch, with an
+optional baseline ``b``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def skip_rewards(actions: torch.Tensor, alpha: float, costs: torch.Tensor) -> torch.Tensor:
+    """Per-gate rewards ``(1 - a_i) * alpha * c_i`` for ``actions`` ``[B, G]`` and cost shares ``[G]``."""
+    return (1.0 - actions) * alpha * costs.to(actions)
+
+
+def returns_to_go(rewards: torch.Tensor, terminal: torch.Tensor) -> torch.Tensor:
+    """Undiscounted returns ``R_i = sum_{j >= i} r_j + terminal`` for rewards ``[B, G]``, terminal ``[B]``."""
+    return rewards.flip(1).cumsum(1).flip(1) + terminal.unsqueeze(1)
+
+
+def policy_gradient_loss(log_probs: torch.Tensor, returns: torch.Tensor, baseline: torch.Tensor | float = 0.0,
+                         entropy: torch.Tensor | None = None, entropy_weight: float = 0.0) -> torch.Tensor:
+    """REINFORCE: ``-mean_b sum_i log pi(a_i) * (R_i - baseline)`` minus an optional entropy bonus."""
+    advantage = (returns - baseline).detach()
+    loss = -(log_probs * advantage).sum(1).mean()
+    if entropy is not None and entropy_weight:
+        loss = loss - entropy_weight * entropy.sum(1).mean()
+    return loss
+
+
+def bernoulli_entropy(prob: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    p = prob.clamp(eps, 1 - eps)
+    return -(p * p.log() + (1 - p) * (1 - p).log())
+
+
+def update_baseline(baseline: torch.Tensor, returns: torch.Tensor, momentum: float) -> torch.Tensor:
+    """Moving-average baseline per gate position: ``m * b + (1 - m) * mean_batch(R)``; returns the new value."""
+    return momentum * baseline + (1.0 - momentum) * returns.detach().mean(0)

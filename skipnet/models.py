@@ -1,0 +1,214 @@
+"""SkipNet: residual networks that skip blocks per input (Wang et al., ECCV'18).
+
+Block rule: ``x_{i+1} = g_i * F_i(x_i) + (1 - g_i) * shortcut_i(x_i)``; block 0 always runs; the gate
+reading block ``i``'s output decides block ``i + 1``; a skipped downsampling block still runs its
+projection shortcut.
+
+Two ways to execute the same decisions:
+
+* ``execution="masked"``: every block runs on every row and is blended with the gate, as SkipNet's
+  public code does. Training with straight-through gates needs it (the gradient of a closed gate
+  involves the block's output).
+* ``execution="skip"``: each block runs only on the rows whose gate is open
+  (:func:`gating.execution.run_rows`), so skipped FLOPs become saved time at any batch size. The
+  default at inference, and usable in RL training, where sampled actions need no block output for
+  skipped rows.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn as nn
+
+from gating.backbones.registry import create_model, register_model
+from gating.backbones.weights import load_pretrained
+from gating.cost import CostTable, build_cost_table
+from gating.execution import blend, run_rows
+from gating.gates import FFGateI, FFGateII, RNNGate
+from gating.policy import GateDecision, decide
+
+GATES: dict[str, type[nn.Module]] = {"rnn": RNNGate, "ffgate1": FFGateI, "ffgate2": FFGateII}
+
+
+class SkipOutput(NamedTuple):
+    """What a SkipNet forward pass returns.
+
+    Attributes:
+        logits: class scores ``[B, num_classes]``.
+        executed: 1.0 where a block ran for that sample, ``[B, N]`` (column 0 is always 1).
+        probs: each gate's probability of executing its block, ``[B, N - 1]``.
+        log_probs: log-probabilities of the sampled actions (``mode="sample"``), else None.
+    """
+
+    logits: torch.Tensor
+    executed: torch.Tensor
+    probs: torch.Tensor
+    log_probs: torch.Tensor | None
+
+
+def shortcut(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What a skipped block computes: its projection shortcut, or nothing (identity)."""
+    ds = getattr(block, "downsample", None)
+    return x if ds is None else ds(x)
+
+
+def block_out_channels(block: nn.Module) -> int:
+    """Output channels of a torchvision-style BasicBlock (``bn2``) or Bottleneck (``bn3``)."""
+    bn = getattr(block, "bn3", None) or block.bn2
+    return bn.num_features
+
+
+class SkipResNet(nn.Module):
+    """A gated ResNet over any backbone that exposes ``stem``, ``blocks()`` and ``forward_head``.
+
+    Args:
+        backbone: a ResNet from the registry (CIFAR-style or torchvision).
+        gate: a gate module, or a factory called with ``channels=[...]`` (one entry per gate position),
+            as Hydra's ``_partial_`` gate configs give.
+        threshold: execute a block when its gate's probability exceeds this (inference and SP).
+        pretrained: a local checkpoint or run folder of a whole SkipResNet to load.
+    """
+
+    def __init__(self, backbone: nn.Module, gate: nn.Module | Callable[..., nn.Module], threshold: float = 0.5,
+                 pretrained: str | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self._blocks = list(backbone.blocks())  # a plain list: the modules are registered by the backbone
+        channels = [block_out_channels(b) for b in self._blocks[:-1]]
+        self.gate = gate if isinstance(gate, nn.Module) else gate(channels=channels)
+        self.num_classes = backbone.num_classes
+        self.in_chans = getattr(backbone, "in_chans", None)
+        self.num_features = backbone.num_features
+        self.threshold = threshold
+        load_pretrained(self, pretrained)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self._blocks)
+
+    @property
+    def num_gates(self) -> int:
+        return len(self._blocks) - 1
+
+    def blocks(self) -> list[nn.Module]:
+        return self._blocks
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mode: str | None = None,
+        execution: str | None = None,
+        actions: torch.Tensor | None = None,
+        threshold: float | None = None,
+    ) -> SkipOutput:
+        """Run the gated network.
+
+        Args:
+            x: input images.
+            mode: gate decision mode (see :func:`gating.policy.decide`); default ``hard_st`` in
+                training, ``greedy`` in eval.
+            execution: ``"masked"`` or ``"skip"``; default ``masked`` in training, ``skip`` in eval.
+            actions: ``[B, N]`` 0/1 decisions to use instead of the gates' (column 0 ignored); the
+                gates still run. For tests and benchmarks at fixed skip rates.
+            threshold: overrides the model's execute threshold (a server raises it to skip more).
+        """
+        mode = mode or ("hard_st" if self.training else "greedy")
+        execution = execution or ("masked" if self.training else "skip")
+        if execution == "skip" and mode in ("hard_st", "soft") and torch.is_grad_enabled() and self.training:
+            raise ValueError(f"mode={mode!r} trains through the block outputs of closed gates: use execution='masked'")
+        thr = self.threshold if threshold is None else threshold
+        x = self.backbone.stem(x)
+        batch = x.shape[0]
+        state = self.gate.initial_state(batch, x.device)
+        x = self._blocks[0](x)
+        executed = [x.new_ones(batch)]
+        probs, log_probs = [], []
+        for i in range(1, self.num_blocks):
+            logit, state = self.gate(x, i - 1, state)
+            if actions is not None:
+                a = actions[:, i].to(logit.dtype)
+                d = GateDecision(a, a, torch.sigmoid(logit))
+            else:
+                d = decide(logit, mode, thr)
+            block = self._blocks[i]
+            if execution == "masked":
+                x = blend(block(x), shortcut(block, x), d.gate)
+            elif execution == "skip":
+                x = run_rows(block, partial(shortcut, block), x, d.action > 0.5)
+            else:
+                raise ValueError(f"execution must be 'masked' or 'skip', got {execution!r}")
+            executed.append(d.action)
+            probs.append(d.prob)
+            if d.log_prob is not None:
+                log_probs.append(d.log_prob)
+        logits = self.backbone.forward_head(x)
+        return SkipOutput(logits, torch.stack(executed, 1), torch.stack(probs, 1),
+                          torch.stack(log_probs, 1) if log_probs else None)
+
+    def cost_table(self, example_input: torch.Tensor) -> CostTable:
+        """Per-block FLOPs with the gates' cost separate; per-sample cost is ``table.per_sample(executed)``."""
+        all_on = torch.ones(1, self.num_blocks)
+        paths = {m: n for n, m in self.named_modules()}
+        return build_cost_table(
+            self, example_input, blocks=[(paths[b], b) for b in self._blocks], gates=["gate"],
+            forward=lambda inp: self(inp, mode="greedy", execution="skip", actions=all_on.to(inp.device)),
+        )
+
+
+def _skipnet(backbone_name: str, gate: str = "rnn", num_classes: int = 10, in_chans: int = 3,
+             pretrained: str | None = None, backbone_pretrained: str | None = None, threshold: float = 0.5,
+             **gate_kwargs) -> SkipResNet:
+    if gate not in GATES:
+        from gating.errors import UserError
+
+        raise UserError(f"unknown gate {gate!r}; one of {sorted(GATES)}")
+    backbone = create_model(backbone_name, num_classes=num_classes, in_chans=in_chans, pretrained=backbone_pretrained)
+    return SkipResNet(backbone, partial(GATES[gate], **gate_kwargs), threshold=threshold, pretrained=pretrained)
+
+
+@register_model
+def skipnet38_cifar(**kwargs) -> SkipResNet:
+    """SkipNet-38 (CIFAR-style ResNet-38, 18 blocks); ``gate`` in rnn/ffgate1/ffgate2."""
+    return _skipnet("resnet38_cifar", **kwargs)
+
+
+@register_model
+def skipnet74_cifar(**kwargs) -> SkipResNet:
+    """SkipNet-74 (36 blocks)."""
+    return _skipnet("resnet74_cifar", **kwargs)
+
+
+@register_model
+def skipnet110_cifar(**kwargs) -> SkipResNet:
+    """SkipNet-110 (54 blocks)."""
+    return _skipnet("resnet110_cifar", **kwargs)
+
+
+@register_model
+def skipnet152_cifar(**kwargs) -> SkipResNet:
+    """SkipNet-152 (75 blocks), SkipNet's SVHN model."""
+    return _skipnet("resnet152_cifar", **kwargs)
+
+
+@register_model
+def skipnet34(**kwargs) -> SkipResNet:
+    """SkipNet over torchvision ResNet-34."""
+    kwargs.setdefault("num_classes", 1000)
+    return _skipnet("resnet34", **kwargs)
+
+
+@register_model
+def skipnet50(**kwargs) -> SkipResNet:
+    """SkipNet over torchvision ResNet-50."""
+    kwargs.setdefault("num_classes", 1000)
+    return _skipnet("resnet50", **kwargs)
+
+
+@register_model
+def skipnet101(**kwargs) -> SkipResNet:
+    """SkipNet over torchvision ResNet-101 (the paper's ImageNet headline)."""
+    kwargs.setdefault("num_classes", 1000)
+    return _skipnet("resnet101", **kwargs)

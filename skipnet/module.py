@@ -1,0 +1,188 @@
+"""The Lightning system for SkipNet's training stages: supervised pre-training (SP) and hybrid RL."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+
+from gating.classifier import ClassifierModule
+from gating.cost import CostTable
+from gating.reinforce import (bernoulli_entropy, policy_gradient_loss, returns_to_go, skip_rewards,
+                              update_baseline)
+from skipnet.models import SkipOutput, SkipResNet
+
+STAGES = ("sp", "rl")
+
+
+class SkipNetModule(ClassifierModule):
+    """Trains a :class:`SkipResNet`; validates and tests it with real skipping and exact per-image cost.
+
+    Args:
+        net: the gated network.
+        stage: ``"sp"`` (supervised pre-training: cross-entropy through straight-through hard gates, or
+            soft gates with ``sp_gate="soft"``) or ``"rl"`` (hybrid RL: sampled gates, REINFORCE with
+            the computation reward, plus cross-entropy).
+        sp_gate: ``"hard"`` (straight-through) or ``"soft"`` (the ablation).
+        train_execution: ``"masked"`` (SkipNet's code) or ``"skip"`` (RL only: skipped rows are not
+            computed, which is exact for sampled actions and faster).
+        alpha: reward for skipping, per unit of cost share (SkipNet: 0.1 on CIFAR).
+        beta: weight of the terminal reward ``-beta * CE`` (SkipNet: 1 on CIFAR/SVHN).
+        rl_weight: weight of the policy-gradient term (SkipNet: 0.01).
+        reward_cost: ``"uniform"`` (each gate's share is 1/N, as in the paper) or ``"flops"`` (its share
+            of the gated blocks' measured FLOPs).
+        baseline: subtract a moving-average baseline per gate (off in the paper).
+        baseline_momentum: its momentum.
+        entropy_weight: entropy bonus weight (0 in the paper).
+        **kwargs: see :class:`gating.classifier.ClassifierModule`.
+
+    Logged (all with units): ``{val,test}/acc``, ``{val,test}/gflops_per_img`` (exact, gates
+    included), ``{val,test}/computation_pct`` (SkipNet's figure), ``test/blocks_per_img``,
+    ``test/gate_gflops_per_img``, ``test/exec_rate/block_XX``; ``train/reward``, ``train/pg_loss``.
+    After testing, :attr:`test_report` holds execution rates and the skip-pattern histogram.
+    """
+
+    def __init__(
+        self,
+        net: SkipResNet,
+        optimizer,
+        scheduler=None,
+        stage: str = "sp",
+        sp_gate: str = "hard",
+        train_execution: str = "masked",
+        alpha: float = 0.1,
+        beta: float = 1.0,
+        rl_weight: float = 0.01,
+        reward_cost: str = "uniform",
+        baseline: bool = False,
+        baseline_momentum: float = 0.9,
+        entropy_weight: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(net, optimizer, scheduler, **kwargs)
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        if sp_gate not in ("hard", "soft"):
+            raise ValueError(f"sp_gate must be 'hard' or 'soft', got {sp_gate!r}")
+        if reward_cost not in ("uniform", "flops"):
+            raise ValueError(f"reward_cost must be 'uniform' or 'flops', got {reward_cost!r}")
+        if train_execution == "skip" and stage == "sp":
+            raise ValueError("supervised pre-training needs train_execution='masked' (straight-through gradients)")
+        self.register_buffer("baseline_value", torch.zeros(net.num_gates))
+        self.val_gflops, self.test_gflops = MeanMetric(), MeanMetric()
+        self.val_comp, self.test_comp = MeanMetric(), MeanMetric()
+        self._table: CostTable | None = None
+        self._test_exec_sum: torch.Tensor | None = None
+        self._test_count = 0
+        self._patterns: Counter[str] = Counter()
+        self.test_report: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------------ costs
+    def cost_table(self, x: torch.Tensor) -> CostTable:
+        """The network's cost table, measured once at this input shape."""
+        if self._table is None or self._table.input_shape != tuple(x.shape[1:]):
+            self._table = self.net.cost_table(x[:1])
+        return self._table
+
+    def gate_costs(self, x: torch.Tensor) -> torch.Tensor:
+        """Each gate's cost share (sums to 1): uniform, or the FLOPs its block saves when skipped."""
+        g = self.net.num_gates
+        if self.hparams.reward_cost == "uniform":
+            return torch.full((g,), 1.0 / g, device=x.device)
+        t = self.cost_table(x)
+        saved = (t.block_flops - t.skip_flops)[1:]
+        return (saved / saved.sum()).to(device=x.device, dtype=torch.float32)
+
+    # --------------------------------------------------------------------------------------- training
+    def forward(self, x: torch.Tensor) -> SkipOutput:
+        return self.net(self._prepare(x))
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        x = self._prepare(x)
+        hp = self.hparams
+        if hp.stage == "sp":
+            out = self.net(x, mode="hard_st" if hp.sp_gate == "hard" else "soft", execution="masked")
+            loss = self.criterion(out.logits, y)
+        else:
+            out = self.net(x, mode="sample", execution=hp.train_execution)
+            ce = F.cross_entropy(out.logits, y, reduction="none")
+            rewards = skip_rewards(out.executed[:, 1:], hp.alpha, self.gate_costs(x))
+            returns = returns_to_go(rewards, -hp.beta * ce.detach())
+            base = self.baseline_value if hp.baseline else 0.0
+            entropy = bernoulli_entropy(out.probs) if hp.entropy_weight else None
+            pg = policy_gradient_loss(out.log_probs, returns, base, entropy, hp.entropy_weight)
+            if hp.baseline:
+                self.baseline_value.copy_(update_baseline(self.baseline_value, returns, hp.baseline_momentum))
+            loss = ce.mean() + hp.rl_weight * pg
+            self.log("train/pg_loss", pg, on_step=False, on_epoch=True)
+            self.log("train/reward", returns[:, 0].mean(), on_step=False, on_epoch=True)
+        self.train_loss(loss)
+        self.train_acc(out.logits.argmax(1), y)
+        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/computation_pct", 100.0 * out.executed.float().mean(), on_step=False, on_epoch=True,
+                 prog_bar=True)
+        return loss
+
+    # ------------------------------------------------------------------------------------- evaluation
+    def _eval_step(self, batch) -> tuple[SkipOutput, torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, y = batch
+        x = self._prepare(x)
+        out = self.net(x, mode="greedy", execution="skip")
+        table = self.cost_table(x)
+        flops = table.per_sample(out.executed)
+        return out, y, flops, table.computation_percentage(out.executed)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        out, y, flops, comp = self._eval_step(batch)
+        self.val_loss(self.criterion(out.logits, y))
+        self.val_acc(out.logits.argmax(1), y)
+        self.val_gflops(flops / 1e9)
+        self.val_comp(comp)
+        self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("val/gflops_per_img", self.val_gflops, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("val/computation_pct", self.val_comp, on_step=False, on_epoch=True, prog_bar=True)
+
+    def on_test_epoch_start(self) -> None:
+        self._test_exec_sum, self._test_count, self._patterns = None, 0, Counter()
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        out, y, flops, comp = self._eval_step(batch)
+        self.test_loss(self.criterion(out.logits, y))
+        self.test_acc(out.logits.argmax(1), y)
+        self.test_gflops(flops / 1e9)
+        self.test_comp(comp)
+        self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
+        self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
+        self.log("test/gflops_per_img", self.test_gflops, on_step=False, on_epoch=True)
+        self.log("test/computation_pct", self.test_comp, on_step=False, on_epoch=True)
+        executed = out.executed.detach().cpu()
+        s = executed.sum(0)
+        self._test_exec_sum = s if self._test_exec_sum is None else self._test_exec_sum + s
+        self._test_count += executed.shape[0]
+        self._patterns.update("".join("1" if v else "0" for v in row) for row in executed.bool().tolist())
+
+    def on_test_epoch_end(self) -> None:
+        if not self._test_count:
+            return
+        rates = self._test_exec_sum / self._test_count
+        for i, r in enumerate(rates.tolist()):
+            self.log(f"test/exec_rate/block_{i:02d}", r)
+        table = self._table
+        self.log("test/blocks_per_img", float(rates.sum()))
+        self.log("test/gate_gflops_per_img", table.gate_flops / 1e9)
+        self.log("test/full_gflops_per_img", table.full_flops / 1e9)
+        self.test_report = {
+            "num_samples": self._test_count,
+            "block_names": list(table.block_names),
+            "exec_rate_per_block": rates.tolist(),
+            "full_gflops_per_img": table.full_flops / 1e9,
+            "gate_gflops_per_img": table.gate_flops / 1e9,
+            "skip_patterns": [{"pattern": p, "count": c} for p, c in self._patterns.most_common(20)],
+            "distinct_patterns": len(self._patterns),
+        }

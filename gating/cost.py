@@ -298,10 +298,19 @@ class LatencyStats:
 
 
 def measure_latency(
-    fn: Callable[[], Any], device: torch.device | str | None = None, warmup: int = 10, repeats: int = 50
+    fn: Callable[[], Any], device: torch.device | str | None = None, warmup: int = 10, repeats: int = 50,
+    max_seconds: float | None = None, min_repeats: int = 3,
 ) -> LatencyStats:
-    """Time ``fn()`` after ``warmup`` calls: CUDA events on a GPU, ``perf_counter`` on the CPU."""
+    """Time ``fn()`` after ``warmup`` calls: CUDA events on a GPU, ``perf_counter`` on the CPU.
+
+    ``max_seconds`` stops early (after at least ``min_repeats``) once the timed calls add up to it,
+    so one benchmark can hold both millisecond and multi-second cases.
+    """
     device = torch.device(device) if device is not None else torch.device("cpu")
+
+    def done(samples: list[float]) -> bool:
+        return max_seconds is not None and len(samples) >= min_repeats and sum(samples) / 1e3 >= max_seconds
+
     with torch.no_grad():
         for _ in range(warmup):
             fn()
@@ -309,6 +318,8 @@ def measure_latency(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             for _ in range(repeats):
+                if done(samples):
+                    break
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 fn()
@@ -317,6 +328,8 @@ def measure_latency(
                 samples.append(start.elapsed_time(end))
         else:
             for _ in range(repeats):
+                if done(samples):
+                    break
                 t0 = time.perf_counter()
                 fn()
                 samples.append((time.perf_counter() - t0) * 1e3)

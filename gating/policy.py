@@ -54,7 +54,8 @@ def decide(logit: torch.Tensor, mode: str, threshold: float = 0.5) -> GateDecisi
         return GateDecision(action, action, prob)
     if mode == "hard_st":
         hard = (logit > threshold_logit(threshold)).to(logit.dtype)
-        return GateDecision(hard + prob - prob.detach(), hard, prob)
+        # (hard - p_detached) is exact (Sterbenz), so adding p back gives exactly 0 or 1 forward.
+        return GateDecision((hard - prob.detach()) + prob, hard, prob)
     if mode == "soft":
         return GateDecision(prob, (prob > threshold).to(logit.dtype), prob)
     if mode == "sample":

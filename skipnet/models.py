@@ -170,6 +170,12 @@ def _skipnet(backbone_name: str, gate: str = "rnn", num_classes: int = 10, in_ch
 
 
 @register_model
+def skipnet20_cifar(**kwargs) -> SkipResNet:
+    """SkipNet-20 (CIFAR-style ResNet-20, 9 blocks): small, for the digits recipe and tests."""
+    return _skipnet("resnet20_cifar", **kwargs)
+
+
+@register_model
 def skipnet38_cifar(**kwargs) -> SkipResNet:
     """SkipNet-38 (CIFAR-style ResNet-38, 18 blocks); ``gate`` in rnn/ffgate1/ffgate2."""
     return _skipnet("resnet38_cifar", **kwargs)

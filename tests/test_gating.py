@@ -1,0 +1,144 @@
+"""Gates, decision modes, the row-compaction engine and the REINFORCE pieces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from gating.execution import blend, identity, run_rows
+from gating.gates import FFGateI, FFGateII, RNNGate, select_state
+from gating.policy import decide, threshold_logit
+from gating.reinforce import policy_gradient_loss, returns_to_go, skip_rewards, update_baseline
+
+CHANNELS = [16, 16, 32]
+
+
+@pytest.mark.parametrize("gate_cls", [FFGateI, FFGateII, RNNGate])
+def test_gate_shapes_state_and_gradients(gate_cls):
+    torch.manual_seed(0)
+    gate = gate_cls(CHANNELS)
+    state = gate.initial_state(5, torch.device("cpu"))
+    logits = []
+    for i, c in enumerate(CHANNELS):
+        logit, state = gate(torch.randn(5, c, 8, 8), i, state)
+        assert logit.shape == (5,)
+        logits.append(logit)
+    if gate_cls is RNNGate:
+        assert state[0].shape == (5, 10) and state[1].shape == (5, 10)
+    else:
+        assert state is None
+    torch.stack(logits).sum().backward()
+    missing = [n for n, p in gate.named_parameters() if p.grad is None]
+    assert not missing, missing
+
+
+def test_rnn_gate_keeps_no_state():
+    """The same input and state give the same output: nothing is remembered between calls."""
+    gate = RNNGate(CHANNELS).eval()
+    x = torch.randn(3, 16, 4, 4)
+    s0 = gate.initial_state(3, x.device)
+    a, s1 = gate(x, 0, s0)
+    b, _ = gate(x, 0, s0)
+    assert torch.equal(a, b)
+    c, _ = gate(x, 0, s1)  # a different state gives a different answer: the state is really used
+    assert not torch.equal(a, c)
+    assert torch.equal(select_state(s1, torch.tensor([2, 0]))[0], s1[0][[2, 0]])
+
+
+def test_decision_modes():
+    logit = torch.tensor([-2.0, -0.1, 0.1, 3.0], requires_grad=True)
+    greedy = decide(logit, "greedy")
+    assert greedy.action.tolist() == [0, 0, 1, 1] and greedy.log_prob is None
+    assert decide(logit, "greedy", threshold=0.9).action.tolist() == [0, 0, 0, 1]
+    assert threshold_logit(0.5) == 0.0
+
+    hard = decide(logit, "hard_st")
+    assert hard.gate.tolist() == [0, 0, 1, 1]  # forward: hard
+    hard.gate.sum().backward()  # backward: through p (straight-through)
+    p = torch.sigmoid(logit.detach())
+    assert torch.allclose(logit.grad, p * (1 - p))
+
+    soft = decide(logit.detach(), "soft")
+    assert torch.allclose(soft.gate, p)
+
+    torch.manual_seed(0)
+    sampled = decide(logit.detach(), "sample")
+    expected = torch.distributions.Bernoulli(logits=logit.detach()).log_prob(sampled.action)
+    assert torch.allclose(sampled.log_prob, expected)
+    with pytest.raises(ValueError, match="unknown gate mode"):
+        decide(logit, "nope")
+
+
+def test_sampling_follows_the_probability():
+    torch.manual_seed(0)
+    logit = torch.full((20000,), torch.logit(torch.tensor(0.3)).item())
+    assert decide(logit, "sample").action.mean().item() == pytest.approx(0.3, abs=0.01)
+
+
+def _conv_pair():
+    torch.manual_seed(0)
+    on = nn.Conv2d(4, 6, 3, stride=2, padding=1).eval()
+    off = nn.Conv2d(4, 6, 1, stride=2).eval()
+    return on, off
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_run_rows_equals_masked_blend(seed):
+    on_fn, off_fn = _conv_pair()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(9, 4, 8, 8, generator=g)
+    mask = torch.rand(9, generator=g) < 0.5
+    with torch.no_grad():
+        real = run_rows(on_fn, off_fn, x, mask)
+        masked = blend(on_fn(x), off_fn(x), mask.float())
+    assert torch.allclose(real, masked, atol=1e-6)
+
+
+def test_run_rows_only_computes_the_rows_it_needs():
+    calls = []
+
+    def on(t):
+        calls.append(("on", t.shape[0]))
+        return t * 2
+
+    def off(t):
+        calls.append(("off", t.shape[0]))
+        return t
+
+    x = torch.arange(6.0).view(6, 1)
+    out = run_rows(on, off, x, torch.tensor([1, 0, 0, 1, 1, 0]))
+    assert out.squeeze(1).tolist() == [0, 1, 2, 6, 8, 5] and sorted(calls) == [("off", 3), ("on", 3)]
+    calls.clear()
+    run_rows(on, off, x, torch.zeros(6))
+    assert calls == [("off", 6)]  # every gate closed: the block is not run at all
+    calls.clear()
+    run_rows(on, off, x, torch.ones(6))
+    assert calls == [("on", 6)]
+
+
+def test_run_rows_batch_one_takes_the_plain_path():
+    x = torch.randn(1, 3)
+    seen = []
+    run_rows(lambda t: seen.append(t) or t, identity, x, torch.tensor([True]))
+    assert seen[0] is x  # no gather, no copy
+
+
+def test_rewards_and_returns_by_hand():
+    actions = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    costs = torch.tensor([0.5, 0.25, 0.25])
+    r = skip_rewards(actions, alpha=0.4, costs=costs)
+    assert torch.allclose(r, torch.tensor([[0.0, 0.1, 0.1], [0.2, 0.0, 0.0]]))
+    ret = returns_to_go(r, terminal=torch.tensor([-1.0, -0.5]))
+    assert torch.allclose(ret, torch.tensor([[-0.8, -0.8, -0.9], [-0.3, -0.5, -0.5]]))
+
+
+def test_policy_gradient_pushes_towards_rewarded_actions():
+    logit = torch.zeros(1, 2, requires_grad=True)
+    action = torch.tensor([[0.0, 0.0]])  # skipped both
+    log_prob = -torch.nn.functional.binary_cross_entropy_with_logits(logit, action, reduction="none")
+    loss = policy_gradient_loss(log_prob, returns=torch.tensor([[1.0, 1.0]]))
+    loss.backward()
+    assert (logit.grad > 0).all()  # descending the loss lowers the execute logit: more skipping
+    b = update_baseline(torch.zeros(2), torch.tensor([[1.0, 3.0], [3.0, 5.0]]), momentum=0.5)
+    assert b.tolist() == [1.0, 2.0]

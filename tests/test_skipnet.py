@@ -1,0 +1,175 @@
+"""SkipNet: real skipping equals masking, skipped blocks are not run, exact per-sample cost, stage chaining."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+import skipnet  # noqa: F401  (registers the models)
+from experiments.train import train
+from gating import create_model
+from gating.cost import count_flops
+from skipnet import SkipResNet
+from tests.conftest import compose_config, shrink
+
+
+def _random_actions(batch: int, blocks: int, p: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    a = (torch.rand(batch, blocks, generator=g) < p).float()
+    a[:, 0] = 1.0
+    return a
+
+
+@pytest.mark.parametrize("name,shape", [("skipnet38_cifar", (1, 28, 28)), ("skipnet110_cifar", (3, 16, 16)),
+                                        ("skipnet50", (3, 64, 64))])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_real_skipping_equals_masked_execution(name, shape, seed):
+    torch.manual_seed(seed)
+    net = create_model(name, num_classes=10, in_chans=shape[0]).eval()
+    x = torch.randn(6, *shape)
+    actions = _random_actions(6, net.num_blocks, 0.5, seed)
+    with torch.no_grad():
+        real = net(x, execution="skip", actions=actions)
+        masked = net(x, execution="masked", actions=actions)
+    assert torch.allclose(real.logits, masked.logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(real.executed, actions)
+
+
+@pytest.mark.parametrize("gate", ["rnn", "ffgate1", "ffgate2"])
+def test_gated_decisions_agree_between_engines(gate):
+    """With the gates deciding (not forced), both engines take the same decisions and give the same output."""
+    torch.manual_seed(0)
+    net = create_model("skipnet38_cifar", gate=gate, in_chans=1).eval()
+    # Scatter the decisions: push the gate logits around 0 so both outcomes occur.
+    with torch.no_grad():
+        for p in net.gate.parameters():
+            p.mul_(3.0)
+    x = torch.randn(16, 1, 16, 16)
+    with torch.no_grad():
+        real, masked = net(x), net(x, execution="masked")
+    assert 0 < real.executed[:, 1:].mean() < 1
+    assert torch.equal(real.executed, masked.executed)
+    assert torch.allclose(real.logits, masked.logits, atol=1e-4)
+
+
+def test_a_block_closed_for_every_sample_is_not_run():
+    net = create_model("skipnet38_cifar", in_chans=1).eval()
+    calls: dict[int, list[int]] = {}
+    for i, b in enumerate(net.blocks()):
+        b.register_forward_hook(lambda m, a, o, i=i: calls.setdefault(i, []).append(a[0].shape[0]))
+    ds_calls = []
+    net.blocks()[6].downsample.register_forward_hook(lambda m, a, o: ds_calls.append(a[0].shape[0]))
+    actions = torch.ones(8, net.num_blocks)
+    actions[:, 3] = 0  # an identity block, closed for all
+    actions[:, 6] = 0  # the stride-2 block of stage 2, closed for all: only its shortcut runs
+    actions[:4, 9] = 0  # half the batch skips block 9
+    with torch.no_grad():
+        net(torch.randn(8, 1, 28, 28), actions=actions)
+    assert 3 not in calls and 6 not in calls
+    assert ds_calls == [8]
+    assert calls[9] == [4] and calls[10] == [8]
+
+
+def test_batch_one_matches_batched_rows():
+    torch.manual_seed(0)
+    net = create_model("skipnet38_cifar", in_chans=1).eval()
+    x = torch.randn(4, 1, 28, 28)
+    actions = _random_actions(4, net.num_blocks, 0.5, 3)
+    with torch.no_grad():
+        batched = net(x, actions=actions).logits
+        single = torch.cat([net(x[i : i + 1], actions=actions[i : i + 1]).logits for i in range(4)])
+    assert torch.allclose(batched, single, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,shape", [("skipnet38_cifar", (1, 28, 28)), ("skipnet50", (3, 64, 64))])
+def test_per_sample_cost_matches_batch1_flop_counts(name, shape):
+    """cost(x) = fixed + gates + executed blocks + shortcuts of skipped ones, exactly as FlopCounterMode sees it."""
+    net = create_model(name, num_classes=10, in_chans=shape[0]).eval()
+    x = torch.randn(5, *shape)
+    table = net.cost_table(x)
+    actions = _random_actions(5, net.num_blocks, 0.5, 7)
+    actions[0] = 1.0
+    predicted = table.per_sample(actions)
+    for i in range(5):
+        counted = count_flops(lambda inp: net(inp, actions=actions[i : i + 1]), x[i : i + 1])
+        assert predicted[i].item() == counted
+    assert table.gate_flops > 0 and predicted[0].item() == table.full_flops
+    # A batch executed with real skipping costs the sum of its samples' costs.
+    assert count_flops(lambda inp: net(inp, actions=actions), x) == pytest.approx(predicted.sum().item())
+
+
+def test_rnn_gate_cost_is_tiny():
+    net = create_model("skipnet110_cifar")
+    table = net.cost_table(torch.randn(1, 3, 32, 32))
+    per_gate = table.gate_flops / net.num_gates
+    assert per_gate / table.block_flops[1].item() < 0.001  # SkipNet: about 0.04% of a block
+
+
+@pytest.mark.parametrize("mode", ["hard_st", "soft"])
+def test_supervised_pretraining_trains_every_parameter(mode):
+    net = create_model("skipnet38_cifar", in_chans=1).train()
+    out = net(torch.randn(4, 1, 16, 16), mode=mode)
+    torch.nn.functional.cross_entropy(out.logits, torch.randint(0, 10, (4,))).backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None]
+    assert not missing, missing
+
+
+def test_rl_mode_gives_gate_gradients_through_log_probs():
+    torch.manual_seed(0)
+    net = create_model("skipnet38_cifar", in_chans=1).train()
+    out = net(torch.randn(8, 1, 16, 16), mode="sample", execution="skip")
+    assert out.log_probs.shape == (8, net.num_gates)
+    out.log_probs.sum().backward()
+    assert all(p.grad is not None for p in net.gate.parameters())
+    with pytest.raises(ValueError, match="execution='masked'"):
+        net(torch.randn(2, 1, 16, 16), mode="hard_st", execution="skip")
+
+
+def test_higher_threshold_skips_more():
+    torch.manual_seed(0)
+    net = create_model("skipnet38_cifar", in_chans=1).eval()
+    x = torch.randn(32, 1, 16, 16)
+    with torch.no_grad():
+        rates = [net(x, threshold=t).executed.mean().item() for t in (0.2, 0.5, 0.8)]
+    assert rates[0] >= rates[1] >= rates[2]
+
+
+def _stage(tmp_path, name, overrides):
+    cfg = shrink(compose_config("train.yaml", ["data=synthetic", *overrides], tmp_path / name))
+    with open_dict(cfg):
+        cfg.paths.log_dir = str(tmp_path / "logs")
+    return train(cfg)
+
+
+def test_stages_chain_by_checkpoints(tmp_path):
+    """base -> SP -> RL, each finding the previous stage's newest run by its folder."""
+    base = _stage(tmp_path, "base", ["model=resnet20"])
+    sp = _stage(tmp_path, "sp", ["model=skipnet20", "model.stage=sp",
+                                 f"model.net.backbone.pretrained={tmp_path / 'base'}"])
+    rl = _stage(tmp_path, "rl", ["model=skipnet20", "model.stage=rl", "model.train_execution=skip",
+                                 "model.reward_cost=flops", "model.baseline=true",
+                                 f"model.net.pretrained={tmp_path / 'sp'}"])
+    base_w = torch.load(base["checkpoints"]["best"], weights_only=True)["state_dict"]
+    sp_start = create_model("skipnet20_cifar", in_chans=1, backbone_pretrained=str(tmp_path / "base"))
+    assert torch.equal(sp_start.backbone.conv1.weight, base_w["net.conv1.weight"])
+    sp_w = torch.load(sp["checkpoints"]["best"], weights_only=True)["state_dict"]
+    rl_start = SkipResNet(create_model("resnet20_cifar", in_chans=1),
+                          create_model("skipnet20_cifar", in_chans=1).gate, pretrained=str(tmp_path / "sp"))
+    assert torch.equal(rl_start.gate.proj.weight, sp_w["net.gate.proj.weight"])
+    for key in ("test/acc", "test/gflops_per_img", "test/computation_pct", "test/blocks_per_img",
+                "test/exec_rate/block_01", "val/gflops_per_img"):
+        assert key in rl["metrics"], key
+    assert "train/reward" in rl["metrics"] and "train/pg_loss" in rl["metrics"]
+    report = json.loads((tmp_path / "rl" / "metrics.json").read_text())["test_report"]
+    assert report["distinct_patterns"] >= 1 and sum(p["count"] for p in report["skip_patterns"]) <= 128
+    assert len(report["exec_rate_per_block"]) == 9 and report["exec_rate_per_block"][0] == 1.0
+
+
+def test_missing_previous_stage_is_one_clear_error(tmp_path):
+    from gating import UserError
+
+    with pytest.raises(UserError, match="no checkpoint"):
+        create_model("skipnet20_cifar", backbone_pretrained=str(tmp_path))

@@ -16,7 +16,6 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 GateState = tuple[torch.Tensor, torch.Tensor] | None
 
@@ -101,7 +100,7 @@ class RNNGate(nn.Module):
     def forward(self, x: torch.Tensor, index: int, state: GateState = None) -> tuple[torch.Tensor, GateState]:
         if state is None:
             state = self.initial_state(x.shape[0], x.device)
-        e = self.embed[index](F.adaptive_avg_pool2d(x, 1).flatten(1))
+        e = self.embed[index](x.mean((2, 3)))  # global average pool, one op (it runs before every block)
         h, c = self.lstm(e, state)
         return self.proj(h).squeeze(1) / self.temperature, (h, c)
 

@@ -103,6 +103,7 @@ class SkipResNet(nn.Module):
         execution: str | None = None,
         actions: torch.Tensor | None = None,
         threshold: float | None = None,
+        run_gates: bool = True,
     ) -> SkipOutput:
         """Run the gated network.
 
@@ -114,6 +115,8 @@ class SkipResNet(nn.Module):
             actions: ``[B, N]`` 0/1 decisions to use instead of the gates' (column 0 ignored); the
                 gates still run. For tests and benchmarks at fixed skip rates.
             threshold: overrides the model's execute threshold (a server raises it to skip more).
+            run_gates: with ``actions``, False leaves the gates out (their probabilities are reported
+                as the actions): isolates the execution engine's own cost in benchmarks.
         """
         mode = mode or ("hard_st" if self.training else "greedy")
         execution = execution or ("masked" if self.training else "skip")
@@ -126,12 +129,18 @@ class SkipResNet(nn.Module):
         x = self._blocks[0](x)
         executed = [x.new_ones(batch)]
         probs, log_probs = [], []
+        if actions is None and not run_gates:
+            raise ValueError("run_gates=False needs actions: without gates there are no decisions")
         for i in range(1, self.num_blocks):
-            logit, state = self.gate(x, i - 1, state)
-            if actions is not None:
+            if actions is not None and not run_gates:
+                a = actions[:, i].to(x.dtype)
+                d = GateDecision(a, a, a)
+            elif actions is not None:
+                logit, state = self.gate(x, i - 1, state)
                 a = actions[:, i].to(logit.dtype)
                 d = GateDecision(a, a, torch.sigmoid(logit))
             else:
+                logit, state = self.gate(x, i - 1, state)
                 d = decide(logit, mode, thr)
             block = self._blocks[i]
             if execution == "masked":

@@ -137,30 +137,27 @@ class SkipNetModule(ClassifierModule):
         flops = table.per_sample(out.executed)
         return out, y, flops, table.computation_percentage(out.executed)
 
+    def _log_eval(self, stage: str, out: SkipOutput, y: torch.Tensor, flops: torch.Tensor, comp: torch.Tensor) -> None:
+        loss, acc, gflops, comp_pct = {
+            "val": (self.val_loss, self.val_acc, self.val_gflops, self.val_comp),
+            "test": (self.test_loss, self.test_acc, self.test_gflops, self.test_comp),
+        }[stage]
+        loss(self.criterion(out.logits, y))
+        acc(out.logits.argmax(1), y)
+        gflops(flops / 1e9)
+        comp_pct(comp)
+        for name, metric in (("loss", loss), ("acc", acc), ("gflops_per_img", gflops), ("computation_pct", comp_pct)):
+            self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=stage == "val")
+
     def validation_step(self, batch, batch_idx: int) -> None:
-        out, y, flops, comp = self._eval_step(batch)
-        self.val_loss(self.criterion(out.logits, y))
-        self.val_acc(out.logits.argmax(1), y)
-        self.val_gflops(flops / 1e9)
-        self.val_comp(comp)
-        self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("val/gflops_per_img", self.val_gflops, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("val/computation_pct", self.val_comp, on_step=False, on_epoch=True, prog_bar=True)
+        self._log_eval("val", *self._eval_step(batch))
 
     def on_test_epoch_start(self) -> None:
         self._test_exec_sum, self._test_count, self._patterns = None, 0, Counter()
 
     def test_step(self, batch, batch_idx: int) -> None:
         out, y, flops, comp = self._eval_step(batch)
-        self.test_loss(self.criterion(out.logits, y))
-        self.test_acc(out.logits.argmax(1), y)
-        self.test_gflops(flops / 1e9)
-        self.test_comp(comp)
-        self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
-        self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
-        self.log("test/gflops_per_img", self.test_gflops, on_step=False, on_epoch=True)
-        self.log("test/computation_pct", self.test_comp, on_step=False, on_epoch=True)
+        self._log_eval("test", out, y, flops, comp)
         executed = out.executed.detach().cpu()
         s = executed.sum(0)
         self._test_exec_sum = s if self._test_exec_sum is None else self._test_exec_sum + s

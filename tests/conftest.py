@@ -34,7 +34,8 @@ def compose_config(config_name: str, overrides: list[str], output_dir: Path) -> 
         cfg.paths.output_dir = str(output_dir)
         cfg.paths.log_dir = str(output_dir / "logs")
         cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.extras.print_config = False
+        if "extras" in cfg:
+            cfg.extras.print_config = False
     HydraConfig().set_config(cfg)
     GlobalHydra.instance().clear()
     return cfg

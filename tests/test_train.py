@@ -173,3 +173,23 @@ def test_trainer_presets(tmp_path):
     assert strategy._ddp_kwargs["find_unused_parameters"] is True and ddp.sync_batchnorm
     gpu = compose_config("train.yaml", ["trainer=gpu"], tmp_path).trainer
     assert gpu.accelerator == "gpu" and gpu.precision == "bf16-mixed"
+
+
+def test_summarize_tabulates_a_sweep_against_a_reference(tmp_path):
+    from experiments.summarize import summarize
+
+    def run(folder, alpha, acc, gflops):
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({"run_name": "rl", "metrics": {
+            "test/acc": acc, "test/gflops_per_img": gflops}}))
+        (folder / "config.yaml").write_text(f"model:\n  alpha: {alpha}\n")
+
+    run(tmp_path / "sweep" / "0", 1.0, 0.99, 0.10)
+    run(tmp_path / "sweep" / "1", 2.0, 0.98, 0.05)
+    run(tmp_path / "base" / "2026-01-01_00-00-00", None, 0.99, 0.10)
+    cfg = compose_config("summarize.yaml", [f"runs={tmp_path / 'sweep'}", f"reference={tmp_path / 'base'}",
+                                            "params=[model.alpha]"], tmp_path / "out")
+    rows = summarize(cfg)
+    assert [r.get("model.alpha") for r in rows] == [None, 1.0, 2.0]
+    assert rows[2]["flops_cut_pct"] == pytest.approx(50.0) and rows[2]["acc_delta_pts"] == pytest.approx(-1.0)
+    assert (tmp_path / "out" / "summary.md").read_text().count("\n") == 5

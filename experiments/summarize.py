@@ -74,6 +74,7 @@ def summarize(cfg: DictConfig) -> list[dict[str, Any]]:
     text = markdown_table(rows, cols, floatfmt=".4f")
     print(text)
     out = output_dir()
+    out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(text + "\n")
     with open(out / "summary.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=[*cols, "folder"], extrasaction="ignore")

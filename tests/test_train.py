@@ -182,7 +182,7 @@ def test_summarize_tabulates_a_sweep_against_a_reference(tmp_path):
         folder.mkdir(parents=True)
         (folder / "metrics.json").write_text(json.dumps({"run_name": "rl", "metrics": {
             "test/acc": acc, "test/gflops_per_img": gflops}}))
-        (folder / "config.yaml").write_text(f"model:\n  alpha: {alpha}\n")
+        (folder / "config.yaml").write_text(f"model:\n  alpha: {'null' if alpha is None else alpha}\n")
 
     run(tmp_path / "sweep" / "0", 1.0, 0.99, 0.10)
     run(tmp_path / "sweep" / "1", 2.0, 0.98, 0.05)

@@ -15,7 +15,7 @@ from gating.reinforce import (bernoulli_entropy, policy_gradient_loss, returns_t
                               update_baseline)
 from skipnet.models import SkipOutput, SkipResNet
 
-STAGES = ("sp", "rl")
+STAGES = ("sp", "rl", "finetune")
 
 
 class SkipNetModule(ClassifierModule):
@@ -24,8 +24,10 @@ class SkipNetModule(ClassifierModule):
     Args:
         net: the gated network.
         stage: ``"sp"`` (supervised pre-training: cross-entropy through straight-through hard gates, or
-            soft gates with ``sp_gate="soft"``) or ``"rl"`` (hybrid RL: sampled gates, REINFORCE with
-            the computation reward, plus cross-entropy).
+            soft gates with ``sp_gate="soft"``), ``"rl"`` (hybrid RL: sampled gates, REINFORCE with
+            the computation reward, plus cross-entropy), or ``"finetune"`` (an optional stage after RL,
+            not in the paper: gates frozen and greedy, the backbone trained by cross-entropy on the
+            network exactly as it executes at inference).
         sp_gate: ``"hard"`` (straight-through) or ``"soft"`` (the ablation).
         train_execution: ``"masked"`` (SkipNet's code) or ``"skip"`` (RL only: skipped rows are not
             computed, which is exact for sampled actions and faster).
@@ -71,6 +73,8 @@ class SkipNetModule(ClassifierModule):
             raise ValueError(f"reward_cost must be 'uniform' or 'flops', got {reward_cost!r}")
         if train_execution == "skip" and stage == "sp":
             raise ValueError("supervised pre-training needs train_execution='masked' (straight-through gradients)")
+        if stage == "finetune":
+            net.gate.requires_grad_(False)
         self.register_buffer("baseline_value", torch.zeros(net.num_gates))
         self.val_gflops, self.test_gflops = MeanMetric(), MeanMetric()
         self.val_comp, self.test_comp = MeanMetric(), MeanMetric()
@@ -106,6 +110,9 @@ class SkipNetModule(ClassifierModule):
         hp = self.hparams
         if hp.stage == "sp":
             out = self.net(x, mode="hard_st" if hp.sp_gate == "hard" else "soft", execution="masked")
+            loss = self.criterion(out.logits, y)
+        elif hp.stage == "finetune":
+            out = self.net(x, mode="greedy", execution=hp.train_execution)
             loss = self.criterion(out.logits, y)
         else:
             out = self.net(x, mode="sample", execution=hp.train_execution)

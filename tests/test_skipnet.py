@@ -173,3 +173,14 @@ def test_missing_previous_stage_is_one_clear_error(tmp_path):
 
     with pytest.raises(UserError, match="no checkpoint"):
         create_model("skipnet20_cifar", backbone_pretrained=str(tmp_path))
+
+
+def test_finetune_stage_freezes_the_gates(tmp_path):
+    sp = _stage(tmp_path, "sp", ["model=skipnet20", "model.stage=sp"])
+    ft = _stage(tmp_path, "ft", ["model=skipnet20", "model.stage=finetune", "model.train_execution=skip",
+                                 f"model.net.pretrained={tmp_path / 'sp'}"])
+    before = torch.load(sp["checkpoints"]["best"], weights_only=True)["state_dict"]
+    after = torch.load(ft["checkpoints"]["best"], weights_only=True)["state_dict"]
+    gate_keys = [k for k in before if k.startswith("net.gate.")]
+    assert gate_keys and all(torch.equal(before[k], after[k]) for k in gate_keys)
+    assert not torch.equal(before["net.backbone.fc.weight"], after["net.backbone.fc.weight"])

@@ -5,7 +5,8 @@
     python bench/skip_engine.py device=cuda 'batch_sizes=[1,8,64,256]'
 
 Each case forces i.i.d. decisions at a skip rate (every block but the first skipped with that
-probability, per sample) and times one forward pass of the whole batch both ways, gates included.
+probability, per sample) and times one forward pass of the whole batch each way, gates included,
+the variants interleaved round by round so that machine drift hits them alike.
 FLOPs speedup = masked FLOPs / real FLOPs (exact, from the cost table); realized speedup = masked
 time / real time; the ratio of the two says how much of the FLOPs saving became wall-clock saving.
 ``ms_plain`` is the backbone alone; ``ms_engine_no_gates`` the real-skipping engine with the same
@@ -24,7 +25,7 @@ import skipnet  # noqa: F401
 from experiments.report import machine_info, markdown_table, pick_device, write_json
 from experiments.utils import run_hydra
 from gating import create_model
-from gating.cost import measure_latency
+from gating.cost import measure_interleaved
 
 
 def forced_actions(batch: int, blocks: int, skip_rate: float, generator: torch.Generator) -> torch.Tensor:
@@ -45,17 +46,18 @@ def main(cfg: DictConfig) -> None:
         table = net.cost_table(torch.randn(1, *spec.input_shape, device=device))
         for batch in cfg.batch_sizes:
             x = torch.randn(batch, *spec.input_shape, device=device)
-            timing = dict(device=device, warmup=cfg.warmup, repeats=cfg.repeats, max_seconds=cfg.max_case_seconds)
-            plain = measure_latency(lambda: net.backbone(x), **timing)
             for rate in cfg.skip_rates:
                 g = torch.Generator().manual_seed(cfg.seed)
                 actions = forced_actions(batch, net.num_blocks, rate, g).to(device)
-                masked = measure_latency(lambda: net(x, execution="masked", actions=actions), **timing)
-                real = measure_latency(lambda: net(x, execution="skip", actions=actions), **timing)
-                engine = measure_latency(lambda: net(x, execution="skip", actions=actions, run_gates=False), **timing)
+                t = measure_interleaved({
+                    "plain": lambda: net.backbone(x),
+                    "masked": lambda: net(x, execution="masked", actions=actions),
+                    "real": lambda: net(x, execution="skip", actions=actions),
+                    "engine": lambda: net(x, execution="skip", actions=actions, run_gates=False),
+                }, device=device, warmup=cfg.warmup, repeats=cfg.repeats, max_seconds=cfg.max_case_seconds)
                 real_flops = float(table.per_sample(actions.cpu()).mean())
                 flops_speedup = table.full_flops / real_flops
-                realized = masked.median_ms / real.median_ms
+                realized = t["masked"].median_ms / t["real"].median_ms
                 rows.append({
                     "model": spec.model_name,
                     "input": "x".join(map(str, spec.input_shape)),
@@ -64,16 +66,16 @@ def main(cfg: DictConfig) -> None:
                     "gflops_per_img_masked": table.full_flops / 1e9,
                     "gflops_per_img_real": real_flops / 1e9,
                     "flops_speedup": flops_speedup,
-                    "ms_masked": masked.median_ms,
-                    "ms_real": real.median_ms,
-                    "ms_real_p90": real.p90_ms,
-                    "ms_plain": plain.median_ms,
-                    "ms_engine_no_gates": engine.median_ms,
+                    "ms_masked": t["masked"].median_ms,
+                    "ms_real": t["real"].median_ms,
+                    "ms_real_p90": t["real"].p90_ms,
+                    "ms_plain": t["plain"].median_ms,
+                    "ms_engine_no_gates": t["engine"].median_ms,
                     "realized_speedup": realized,
                     "realized_over_flops": realized / flops_speedup,
-                    "real_over_plain": real.median_ms / plain.median_ms,
-                    "engine_over_plain": engine.median_ms / plain.median_ms,
-                    "repeats": real.repeats,
+                    "real_over_plain": t["real"].median_ms / t["plain"].median_ms,
+                    "engine_over_plain": t["engine"].median_ms / t["plain"].median_ms,
+                    "repeats": t["real"].repeats,
                 })
                 print(markdown_table(rows[-1:], floatfmt=".3f").splitlines()[-1], flush=True)
     cols = ["model", "batch", "skip_pct", "gflops_per_img_real", "flops_speedup", "ms_masked", "ms_real", "ms_plain",

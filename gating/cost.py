@@ -31,6 +31,7 @@ __all__ = [
     "count_flops",
     "flops_by_module",
     "linear_flops",
+    "measure_interleaved",
     "measure_latency",
     "profile_blocks",
 ]
@@ -334,6 +335,43 @@ def measure_latency(
                 fn()
                 samples.append((time.perf_counter() - t0) * 1e3)
     return LatencyStats.from_samples(samples, str(device))
+
+
+def measure_interleaved(
+    fns: dict[str, Callable[[], Any]], device: torch.device | str | None = None, warmup: int = 3, repeats: int = 20,
+    max_seconds: float | None = None, min_repeats: int = 3,
+) -> dict[str, LatencyStats]:
+    """Time several variants of one job in interleaved rounds (A, B, C, A, B, C, ...).
+
+    Machine drift (frequency, neighbours, caches) then hits every variant alike, which matters when
+    the point is their ratio. ``max_seconds`` bounds the timed work of all variants together.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    cuda = device.type == "cuda"
+    with torch.no_grad():
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+        for _ in range(repeats):
+            total_s = sum(sum(v) for v in samples.values()) / 1e3
+            if max_seconds is not None and len(next(iter(samples.values()))) >= min_repeats and total_s >= max_seconds:
+                break
+            for name, fn in fns.items():
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn()
+                    end.record()
+                    end.synchronize()
+                    samples[name].append(start.elapsed_time(end))
+                else:
+                    t0 = time.perf_counter()
+                    fn()
+                    samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {k: LatencyStats.from_samples(v, str(device)) for k, v in samples.items()}
 
 
 def profile_blocks(

@@ -102,7 +102,8 @@ class RNNGate(nn.Module):
             state = self.initial_state(x.shape[0], x.device)
         e = self.embed[index](x.mean((2, 3)))  # global average pool, one op (it runs before every block)
         h, c = self.lstm(e, state)
-        return self.proj(h).squeeze(1) / self.temperature, (h, c)
+        logit = self.proj(h).squeeze(1)
+        return (logit if self.temperature == 1.0 else logit / self.temperature), (h, c)
 
 
 def select_state(state: GateState, rows: torch.Tensor) -> GateState:

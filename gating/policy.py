@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +44,7 @@ def threshold_logit(threshold: float) -> float:
     """The logit equivalent of a probability threshold (p > t  <=>  logit > log(t / (1 - t)))."""
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"gate threshold must be in (0, 1), got {threshold}")
-    return float(torch.logit(torch.tensor(threshold, dtype=torch.float64)))
+    return math.log(threshold / (1.0 - threshold))
 
 
 def decide(logit: torch.Tensor, mode: str, threshold: float = 0.5) -> GateDecision:

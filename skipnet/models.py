@@ -28,7 +28,7 @@ from gating.backbones.weights import load_pretrained
 from gating.cost import CostTable, build_cost_table
 from gating.execution import blend, run_rows
 from gating.gates import FFGateI, FFGateII, RNNGate
-from gating.policy import GateDecision, decide
+from gating.policy import GateDecision, decide, threshold_logit
 
 GATES: dict[str, type[nn.Module]] = {"rnn": RNNGate, "ffgate1": FFGateI, "ffgate2": FFGateII}
 
@@ -123,14 +123,16 @@ class SkipResNet(nn.Module):
         if execution == "skip" and mode in ("hard_st", "soft") and torch.is_grad_enabled() and self.training:
             raise ValueError(f"mode={mode!r} trains through the block outputs of closed gates: use execution='masked'")
         thr = self.threshold if threshold is None else threshold
+        if actions is None and not run_gates:
+            raise ValueError("run_gates=False needs actions: without gates there are no decisions")
+        if x.shape[0] == 1 and execution == "skip" and mode == "greedy" and not torch.is_grad_enabled():
+            return self._forward_one(x, thr, actions, run_gates)
         x = self.backbone.stem(x)
         batch = x.shape[0]
         state = self.gate.initial_state(batch, x.device)
         x = self._blocks[0](x)
         executed = [x.new_ones(batch)]
         probs, log_probs = [], []
-        if actions is None and not run_gates:
-            raise ValueError("run_gates=False needs actions: without gates there are no decisions")
         for i in range(1, self.num_blocks):
             if actions is not None and not run_gates:
                 a = actions[:, i].to(x.dtype)
@@ -156,6 +158,31 @@ class SkipResNet(nn.Module):
         logits = self.backbone.forward_head(x)
         return SkipOutput(logits, torch.stack(executed, 1), torch.stack(probs, 1),
                           torch.stack(log_probs, 1) if log_probs else None)
+
+    def _forward_one(self, x: torch.Tensor, threshold: float, actions: torch.Tensor | None,
+                     run_gates: bool) -> SkipOutput:
+        """Inference on one input: each decision is a Python bool, so a block costs its own ops only.
+
+        Same decisions and outputs as the batched path (a test checks it); at batch 1 the per-block
+        tensor bookkeeping of the batched path would be a visible share of the latency.
+        """
+        forced = actions[0].tolist() if actions is not None else None
+        thr_logit = threshold_logit(threshold)
+        x = self.backbone.stem(x)
+        state = self.gate.initial_state(1, x.device)
+        x = self._blocks[0](x)
+        runs, logits = [1.0], []
+        for i in range(1, self.num_blocks):
+            if forced is None or run_gates:
+                logit, state = self.gate(x, i - 1, state)
+                logits.append(logit)
+            run = forced[i] > 0.5 if forced is not None else logit.item() > thr_logit
+            block = self._blocks[i]
+            x = block(x) if run else shortcut(block, x)
+            runs.append(1.0 if run else 0.0)
+        executed = torch.tensor([runs], dtype=x.dtype, device=x.device)
+        probs = torch.sigmoid(torch.stack(logits, 1)) if logits else executed[:, 1:]
+        return SkipOutput(self.backbone.forward_head(x), executed, probs, None)
 
     def cost_table(self, example_input: torch.Tensor) -> CostTable:
         """Per-block FLOPs with the gates' cost separate; per-sample cost is ``table.per_sample(executed)``."""

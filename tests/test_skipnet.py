@@ -184,3 +184,19 @@ def test_finetune_stage_freezes_the_gates(tmp_path):
     gate_keys = [k for k in before if k.startswith("net.gate.")]
     assert gate_keys and all(torch.equal(before[k], after[k]) for k in gate_keys)
     assert not torch.equal(before["net.backbone.fc.weight"], after["net.backbone.fc.weight"])
+
+
+def test_batch_one_fast_path_takes_the_same_decisions():
+    torch.manual_seed(0)
+    net = create_model("skipnet38_cifar", in_chans=1).eval()
+    with torch.no_grad():
+        for p in net.gate.parameters():
+            p.mul_(3.0)
+        x = torch.randn(12, 1, 16, 16)
+        batched = net(x)
+        for i in range(12):
+            one = net(x[i : i + 1])
+            assert torch.equal(one.executed, batched.executed[i : i + 1])
+            assert torch.allclose(one.logits, batched.logits[i : i + 1], atol=1e-4)
+            assert torch.allclose(one.probs, batched.probs[i : i + 1], atol=1e-6)
+    assert 0 < batched.executed[:, 1:].mean() < 1

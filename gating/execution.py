@@ -25,7 +25,7 @@ def identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def run_rows(fn_on: Fn, fn_off: Fn, x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+def run_rows(fn_on: Fn, fn_off: Fn, x: torch.Tensor, on: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """``fn_on(x[on])`` and ``fn_off(x[~on])`` merged back in row order.
 
     Args:
@@ -33,6 +33,9 @@ def run_rows(fn_on: Fn, fn_off: Fn, x: torch.Tensor, on: torch.Tensor) -> torch.
         fn_off: applied to the others (e.g. the block's shortcut; :func:`identity` for none).
         x: the batch, rows first.
         on: ``[B]`` bool (or 0/1) selection.
+        inplace: with ``fn_off is identity``, write the selected rows' results into ``x`` itself
+            (one gather and one indexed write, instead of gathering and scattering both halves into
+            a new tensor). Only for inference, where the caller does not need ``x`` afterwards.
 
     Both functions must map rows independently (eval-mode BatchNorm, convolutions) and give outputs
     of the same shape per row.
@@ -46,6 +49,8 @@ def run_rows(fn_on: Fn, fn_off: Fn, x: torch.Tensor, on: torch.Tensor) -> torch.
         return fn_on(x)
     if n_on == 0:
         return fn_off(x)
+    if inplace and fn_off is identity:
+        return x.index_copy_(0, idx_on, fn_on(x[idx_on]))
     idx_off = (~on).nonzero().squeeze(1)
     y_on, y_off = fn_on(x[idx_on]), fn_off(x[idx_off])
     out = y_on.new_empty((x.shape[0], *y_on.shape[1:]))

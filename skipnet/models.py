@@ -26,7 +26,7 @@ import torch.nn as nn
 from gating.backbones.registry import create_model, register_model
 from gating.backbones.weights import load_pretrained
 from gating.cost import CostTable, build_cost_table
-from gating.execution import blend, run_rows
+from gating.execution import blend, identity, run_rows
 from gating.gates import FFGateI, FFGateII, RNNGate
 from gating.policy import GateDecision, decide, threshold_logit
 
@@ -148,7 +148,10 @@ class SkipResNet(nn.Module):
             if execution == "masked":
                 x = blend(block(x), shortcut(block, x), d.gate)
             elif execution == "skip":
-                x = run_rows(block, partial(shortcut, block), x, d.action > 0.5)
+                ds = getattr(block, "downsample", None)
+                # In inference the previous block's output is not needed again: update it in place.
+                x = run_rows(block, identity if ds is None else ds, x, d.action > 0.5,
+                             inplace=not torch.is_grad_enabled())
             else:
                 raise ValueError(f"execution must be 'masked' or 'skip', got {execution!r}")
             executed.append(d.action)

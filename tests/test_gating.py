@@ -142,3 +142,16 @@ def test_policy_gradient_pushes_towards_rewarded_actions():
     assert (logit.grad > 0).all()  # descending the loss lowers the execute logit: more skipping
     b = update_baseline(torch.zeros(2), torch.tensor([[1.0, 3.0], [3.0, 5.0]]), momentum=0.5)
     assert b.tolist() == [1.0, 2.0]
+
+
+def test_run_rows_inplace_updates_only_the_selected_rows():
+    x = torch.arange(12.0).view(6, 2)
+    keep = x.clone()
+    on = torch.tensor([0, 1, 0, 1, 1, 0])
+    out = run_rows(lambda t: t * 10, identity, x, on, inplace=True)
+    assert out.data_ptr() == x.data_ptr()  # written into the input: no new batch tensor
+    expected = torch.where(on.bool().unsqueeze(1), keep * 10, keep)
+    assert torch.equal(out, expected)
+    # Without inplace the input is left alone.
+    x2 = keep.clone()
+    assert torch.equal(run_rows(lambda t: t * 10, identity, x2, on), expected) and torch.equal(x2, keep)

@@ -3,6 +3,7 @@ real formats of its data set."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,7 @@ def test_experiment_fast_dev_run(experiment, tmp_path, skip_integrity_checks):
         cfg.trainer.fast_dev_run = True
         cfg.callbacks = None
     record = train(cfg)
-    assert record["metrics"]["train/loss_step"] > 0
+    assert math.isfinite(record["metrics"]["train/loss_step"])  # RL losses include a signed policy term
     assert "test/acc" in record["metrics"] and record["metrics"]["test/gflops_per_img"] > 0
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "config.yaml").is_file()
 

@@ -307,34 +307,20 @@ def measure_latency(
     ``max_seconds`` stops early (after at least ``min_repeats``) once the timed calls add up to it,
     so one benchmark can hold both millisecond and multi-second cases.
     """
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    return measure_interleaved({"fn": fn}, device, warmup, repeats, max_seconds, min_repeats)["fn"]
 
-    def done(samples: list[float]) -> bool:
-        return max_seconds is not None and len(samples) >= min_repeats and sum(samples) / 1e3 >= max_seconds
 
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn()
-        samples: list[float] = []
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            for _ in range(repeats):
-                if done(samples):
-                    break
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                samples.append(start.elapsed_time(end))
-        else:
-            for _ in range(repeats):
-                if done(samples):
-                    break
-                t0 = time.perf_counter()
-                fn()
-                samples.append((time.perf_counter() - t0) * 1e3)
-    return LatencyStats.from_samples(samples, str(device))
+def _time_call_ms(fn: Callable[[], Any], cuda: bool) -> float:
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def measure_interleaved(
@@ -360,17 +346,7 @@ def measure_interleaved(
             if max_seconds is not None and len(next(iter(samples.values()))) >= min_repeats and total_s >= max_seconds:
                 break
             for name, fn in fns.items():
-                if cuda:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    fn()
-                    end.record()
-                    end.synchronize()
-                    samples[name].append(start.elapsed_time(end))
-                else:
-                    t0 = time.perf_counter()
-                    fn()
-                    samples[name].append((time.perf_counter() - t0) * 1e3)
+                samples[name].append(_time_call_ms(fn, cuda))
     return {k: LatencyStats.from_samples(v, str(device)) for k, v in samples.items()}
 
 

@@ -34,6 +34,8 @@ __all__ = [
     "measure_interleaved",
     "measure_latency",
     "profile_blocks",
+    "stage_flops",
+    "StageCosts",
 ]
 
 
@@ -379,3 +381,41 @@ def profile_blocks(
             args = captured[n]
             out[n] = measure_latency(lambda m=m, a=args: m(*a), device, warmup, repeats)
     return out
+
+
+# ------------------------------------------------------------------------------------- staged models
+@dataclass(frozen=True)
+class StageCosts:
+    """Per-sample cost of each stage of a cascade (or early-exit network), in execution order.
+
+    A sample that exits at stage ``e`` pays ``stage[0] + ... + stage[e]``; over a population,
+    ``E[cost] = sum_k stage[k] * P(reach k)``. The unit is the caller's (FLOPs, or ms per image).
+    """
+
+    names: tuple[str, ...]
+    stage: tuple[float, ...]
+
+    @property
+    def cumulative(self) -> torch.Tensor:
+        """Cost of exiting at each stage, ``[K]`` float64."""
+        return torch.tensor(self.stage, dtype=torch.float64).cumsum(0)
+
+    def per_sample(self, exit_stage: torch.Tensor) -> torch.Tensor:
+        """Cost per sample (float64 ``[B]``) for the stage index each sample exited at."""
+        return self.cumulative.to(exit_stage.device)[exit_stage.long()]
+
+    def expected(self, reach: "Sequence[float] | torch.Tensor") -> float:
+        """``sum_k stage[k] * P(reach k)`` for per-stage reach probabilities."""
+        reach = torch.as_tensor(reach, dtype=torch.float64)
+        return float((torch.tensor(self.stage, dtype=torch.float64) * reach).sum())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"names": list(self.names), "stage": list(self.stage), "cumulative": self.cumulative.tolist()}
+
+
+def stage_flops(stages: Sequence[Callable[[torch.Tensor], Any]], example_input: torch.Tensor,
+                names: Sequence[str] | None = None) -> StageCosts:
+    """Exact FLOPs per sample of each stage (a callable run on one sample, its IDK decision included)."""
+    x = example_input[:1]
+    flops = tuple(float(count_flops(s, x)) for s in stages)
+    return StageCosts(tuple(names or (f"stage{k}" for k in range(len(stages)))), flops)

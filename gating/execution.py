@@ -2,8 +2,9 @@
 
 ``run_rows(fn_on, fn_off, x, on)`` computes ``fn_on`` on the rows where ``on`` is true and ``fn_off``
 on the others, and returns the rows in their original order. Only the selected rows are computed, so a
-batch gets cheaper as rows switch off: SkipNet's skipped blocks (``fn_off`` is the shortcut) and a
-cascade's deferred samples (``fn_off`` is nothing) both run through here.
+batch gets cheaper as rows switch off: SkipNet's skipped blocks (``fn_off`` is the shortcut) run
+through it. ``run_exits(stages, x)`` is its early-exit form: rows leave at different stages (a
+cascade's answered samples) and every later stage runs on the rows still in flight only.
 
 Where all rows agree (every gate open, or every gate closed) the whole batch takes one path with no
 gather; batch size 1 always does. Knowing how many rows are on needs their count on the host: one
@@ -67,3 +68,49 @@ def blend(y_on: torch.Tensor, y_off: torch.Tensor, gate: torch.Tensor) -> torch.
     """
     g = gate.view(-1, *([1] * (y_on.ndim - 1))).to(y_on.dtype)
     return g * y_on + (1.0 - g) * y_off
+
+
+StageFn = Callable[[torch.Tensor], "tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]"]
+
+
+def run_exits(stages: "list[StageFn]", x: torch.Tensor) -> "tuple[tuple[torch.Tensor, ...], torch.Tensor]":
+    """Early-exit execution with compaction: each stage runs only on the rows still in flight.
+
+    Each ``stage(rows)`` returns ``(outputs, done, next_rows)``: a tuple of per-row outputs, a ``[b]``
+    bool that says which rows exit here, and what the rows still in flight pass on (a cascade passes
+    its input on unchanged; an early-exit network its features). The last stage answers every row it
+    gets. Returns the outputs gathered back in the original row order and, per row, the index of the
+    stage it exited at.
+
+    The rows that go on are gathered once per stage into a dense sub-batch, so the later, costlier
+    stages run on fewer rows and the saved computation is saved time (batch 1 takes the plain path).
+    """
+    n_rows, last = x.shape[0], len(stages) - 1
+    exit_stage = torch.full((n_rows,), last, dtype=torch.long, device=x.device)
+    if n_rows == 1:
+        for k, stage in enumerate(stages):
+            outputs, done, x = stage(x)
+            if k == last or bool(done[0]):
+                exit_stage.fill_(k)
+                return outputs, exit_stage
+    rows: torch.Tensor | None = None  # original indices of the rows in flight (None: all, in order)
+    final: list[torch.Tensor] = []
+    for k, stage in enumerate(stages):
+        outputs, done, nxt = stage(x)
+        if not final:
+            final = [o.new_empty((n_rows, *o.shape[1:])) for o in outputs]
+        if k == last:
+            done = torch.ones_like(done, dtype=torch.bool)
+        if rows is None and bool(done.all()):
+            return tuple(outputs), exit_stage.fill_(k)
+        here = done.nonzero().squeeze(1)
+        target = here if rows is None else rows[here]
+        for out, o in zip(final, outputs):
+            out.index_copy_(0, target, o.index_select(0, here))
+        exit_stage.index_fill_(0, target, k)
+        stay = (~done).nonzero().squeeze(1)
+        if stay.numel() == 0:
+            break
+        rows = stay if rows is None else rows[stay]
+        x = nxt.index_select(0, stay)
+    return tuple(final), exit_stage

@@ -14,7 +14,10 @@ from experiments.train import train
 from tests.conftest import ROOT, compose_config, shrink
 from tests.helpers.fake_data import write_cifar, write_image_folder, write_mnist_full, write_svhn
 
-EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
+ALL_EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
+# Experiments of `python -m experiments.cascade` (tests/test_cascade_run.py); the rest are training runs.
+CASCADE_EXPERIMENTS = [e for e in ALL_EXPERIMENTS if "_cascade_" in e]
+EXPERIMENTS = [e for e in ALL_EXPERIMENTS if e not in CASCADE_EXPERIMENTS]
 
 
 def _fake_data_for(cfg, tmp_path: Path) -> None:
@@ -39,7 +42,11 @@ def _fake_data_for(cfg, tmp_path: Path) -> None:
             cfg.data.val_size = 2
         cfg.data.batch_size = 4
         cfg.data.eval_batch_size = 4
-        if "skipnet" in cfg.model.get("name", ""):  # start from scratch instead of a previous stage's run
+        if "cascade" in cfg:  # random stages instead of trained runs
+            for stage in cfg.cascade.stages.values():
+                stage.checkpoint = None
+            cfg.cascade.checkpoint = None
+        if "model" in cfg and "skipnet" in cfg.model.get("name", ""):  # start from scratch instead of a previous stage's run
             cfg.model.net.pretrained = None
             cfg.model.net.backbone.pretrained = None
 

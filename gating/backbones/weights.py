@@ -51,7 +51,8 @@ def read_state_dict(path: str | Path, prefix: str = "net.") -> dict[str, torch.T
     if path.is_dir():
         path = resolve_checkpoint(path)
     if not path.is_file():
-        raise UserError(f"weights file {str(path)!r} not found: pass the path of a .pt/.ckpt file or run folder")
+        raise UserError(f"weights {str(path)!r} not found: train the model that writes it first (its run folder "
+                        f"under logs/train/runs/), or pass the path of a .pt/.ckpt file or run folder")
     obj = torch.load(path, map_location="cpu", weights_only=False)
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
     if not isinstance(state, dict):

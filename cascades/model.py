@@ -31,8 +31,10 @@ class Ensemble(nn.Module):
     members' probabilities to its decider, so :class:`gating.idk.AgreementIDK` can count votes.
     """
 
-    def __init__(self, members: Sequence[nn.Module]) -> None:
+    def __init__(self, members: Sequence[nn.Module] | Mapping[str, nn.Module]) -> None:
         super().__init__()
+        if isinstance(members, Mapping):  # name -> member, as configs give them
+            members = list(members.values())
         if len(members) < 2:
             raise UserError("an Ensemble stage needs at least two members")
         self.members = nn.ModuleList(members)

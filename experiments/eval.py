@@ -1,9 +1,16 @@
-"""Test a trained checkpoint on the test (or val) split.
+"""Evaluate: compare dynamic models per input difficulty, or test one trained checkpoint.
 
+    python -m experiments.eval experiment=mnist_eval_dynamic        # SkipNet, cascades, baselines, per difficulty
     python -m experiments.eval experiment=mnist_resnet38 ckpt_path=logs/train/runs/mnist_resnet38/<time>
 
-``ckpt_path`` is a ``.ckpt`` file or a training run folder (its best checkpoint is used). The model and
-data configs must match the ones the checkpoint was trained with (the same ``experiment=``).
+With an ``evaluation`` node (the ``*_eval_*`` experiments) every listed method runs on every test
+input through :mod:`experiments.evaluation`: per-input records (``records.csv``), operating points
+(``points.csv``, ``pareto.csv``), the table per difficulty bucket (``buckets.csv``, ``report.md``), and
+``accuracy_vs_gflops.png``, ``accuracy_vs_latency.png``, ``bucket_cost.png``; wandb gets the tables
+and plots when ``logger=wandb``.
+
+Without it, ``ckpt_path`` (a ``.ckpt`` file or a training run folder) is tested with Lightning; the
+model and data configs must match the checkpoint's (the same ``experiment=``).
 """
 
 from __future__ import annotations
@@ -57,7 +64,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval.yaml")
 def main(cfg: DictConfig) -> None:
     extras(cfg)
-    evaluate(cfg)
+    if cfg.get("evaluation"):
+        from experiments.evaluation.run import compare
+
+        compare(cfg)
+    else:
+        evaluate(cfg)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,132 @@
+"""Tables and figures from per-input records: per difficulty bucket, and across operating points.
+
+Everything here reads the records only (``records.csv`` and ``points.csv`` can be reloaded), so a
+figure can be redrawn without running a model.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from experiments.evaluation.difficulty import Buckets
+
+__all__ = ["bucket_table", "cost_trend", "pareto_table", "plot_all"]
+
+
+def _pct(v: np.ndarray, q: float) -> float:
+    v = v[~np.isnan(v)]
+    return float(np.percentile(v, q)) if len(v) else math.nan
+
+
+def bucket_table(records: Sequence[dict[str, Any]], buckets: Buckets) -> list[dict[str, Any]]:
+    """One row per (method, bucket): count, accuracy, mean/p95 GFLOPs, blocks or exit shares, latency."""
+    rows = []
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    for m in methods:
+        recs = [r for r in records if r["method"] == m]
+        b = buckets.bucket[[r["index"] for r in recs]]
+        flops = np.array([r["flops"] for r in recs]) / 1e9
+        correct = np.array([r["correct"] for r in recs])
+        blocks = np.array([r["blocks"] for r in recs], dtype=float)
+        exits = np.array([r["exit_stage"] for r in recs])
+        b1 = np.array([r["batch1_ms"] for r in recs], dtype=float)
+        share = np.array([r["batch_share_ms"] for r in recs], dtype=float)
+        for k, label in enumerate(buckets.labels):
+            sel = b == k
+            if not sel.any():
+                continue
+            row: dict[str, Any] = {
+                "method": m, "bucket": label, "count": int(sel.sum()), "acc": float(correct[sel].mean()),
+                "gflops_mean": float(flops[sel].mean()), "gflops_p95": _pct(flops[sel], 95),
+            }
+            if not np.isnan(blocks).all():
+                row["blocks_mean"] = float(blocks[sel].mean())
+            if (exits >= 0).any():
+                n_stages = int(exits.max()) + 1
+                row["exit_shares"] = [round(float((exits[sel] == s).mean()), 3) for s in range(n_stages)]
+            row["batch1_ms_p50"] = _pct(b1[sel], 50)
+            row["batch1_ms_p95"] = _pct(b1[sel], 95)
+            row["batch_share_ms_mean"] = float(np.nanmean(share[sel])) if not np.isnan(share[sel]).all() else math.nan
+            rows.append(row)
+    return rows
+
+
+def cost_trend(table: Sequence[dict[str, Any]], kinds: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Per dynamic method: mean GFLOPs per bucket, easy to hard, and whether it never falls."""
+    out = {}
+    for m, kind in kinds.items():
+        if kind in ("static",):
+            continue
+        costs = [r["gflops_mean"] for r in table if r["method"] == m]
+        rising = all(b >= a - 1e-15 for a, b in zip(costs, costs[1:]))
+        out[m] = {"kind": kind, "gflops_by_bucket": costs, "monotone_rising": rising,
+                  "hardest_over_easiest": costs[-1] / costs[0] if costs and costs[0] > 0 else math.nan}
+    return out
+
+
+def pareto_table(points: Sequence[dict[str, Any]], reference: str | None) -> list[dict[str, Any]]:
+    """Every operating point with its accuracy, cost and time, relative to the reference method."""
+    ref = next((p for p in points if p["method"] == reference and p["point"] == "default"), None)
+    rows = []
+    for p in points:
+        row = {k: p.get(k) for k in ("method", "kind", "point", "acc", "gflops_per_img", "gflops_p95",
+                                     "batch_ms_per_img", "batch1_ms_p50", "blocks_per_img", "exit_shares")}
+        if ref is not None:
+            row["acc_delta_pts"] = 100.0 * (p["acc"] - ref["acc"])
+            row["flops_cut_pct"] = 100.0 * (1 - p["gflops_per_img"] / ref["gflops_per_img"])
+            if p.get("batch_ms_per_img") and ref.get("batch_ms_per_img"):
+                row["speedup"] = ref["batch_ms_per_img"] / p["batch_ms_per_img"]
+        rows.append(row)
+    return rows
+
+
+def plot_all(points: Sequence[dict[str, Any]], table: Sequence[dict[str, Any]], buckets: Buckets, out: Path,
+             batch_size: int) -> list[Path]:
+    """accuracy_vs_gflops.png, accuracy_vs_latency.png and bucket_cost.png in ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    methods = list(dict.fromkeys(p["method"] for p in points))
+    for key, xlabel, fname in (("gflops_per_img", "GFLOPs per image (exact)", "accuracy_vs_gflops.png"),
+                               ("batch_ms_per_img", f"measured ms per image at batch {batch_size}",
+                                "accuracy_vs_latency.png")):
+        if not all(p.get(key) is not None for p in points):
+            continue
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        for m in methods:
+            pts = sorted((p[key], 100 * p["acc"]) for p in points if p["method"] == m)
+            ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=m)
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=120)
+        plt.close(fig)
+        paths.append(out / fname)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    width = 0.8 / max(len(methods), 1)
+    for j, m in enumerate(methods):
+        rows = {r["bucket"]: r["gflops_mean"] for r in table if r["method"] == m}
+        xs = [k + j * width for k, lab in enumerate(buckets.labels) if lab in rows]
+        ax.bar(xs, [rows[lab] for lab in buckets.labels if lab in rows], width, label=m)
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(buckets.labels))])
+    ax.set_xticklabels(buckets.labels, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("mean GFLOPs per image")
+    ax.set_xlabel(f"difficulty bucket ({buckets.definition})", fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "bucket_cost.png", dpi=120)
+    plt.close(fig)
+    paths.append(out / "bucket_cost.png")
+    return paths

@@ -1,0 +1,143 @@
+"""The evaluator: methods, difficulty buckets, reports, and the digits pipeline end to end (shrunk)."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import open_dict
+
+from experiments.cascade import run_cascade
+from experiments.evaluation.difficulty import confidence_buckets, ladder_buckets, score_buckets
+from experiments.evaluation.methods import CascadeMethod, RandomSkipMethod, SkipNetMethod, StaticMethod
+from experiments.evaluation.report import bucket_table, cost_trend
+from experiments.evaluation.run import compare
+from experiments.train import train
+from gating import UserError, create_model
+from tests.conftest import compose_config, shrink
+
+
+def test_ladder_and_quantile_buckets(tmp_path):
+    correct = [np.array([1, 0, 0, 0, 1]), np.array([1, 1, 0, 0, 0]), np.array([1, 1, 1, 0, 0])]
+    b = ladder_buckets(correct, ["a", "b", "c"])
+    assert b.bucket.tolist() == [0, 1, 2, 3, 0]
+    assert b.labels == ["0:a", "1:b", "2:c", "3:unsolved"]
+    q = confidence_buckets(np.array([0.9, 0.1, 0.5, 0.99]), 2, "ref")
+    assert q.bucket.tolist() == [0, 1, 1, 0]  # most confident first
+    f = tmp_path / "scores.csv"
+    f.write_text("index,score\n0,3\n1,1\n2,2\n3,0\n")
+    s = score_buckets(f, "score", 4, 2)
+    assert s.bucket.tolist() == [1, 0, 1, 0]
+    with pytest.raises(UserError, match="no 'score' for 1"):
+        score_buckets(f, "score", 5, 2)
+    with pytest.raises(UserError, match="not found"):
+        score_buckets(tmp_path / "nope.csv", "score", 4, 2)
+
+
+def test_methods_report_exact_flops_and_what_ran():
+    torch.manual_seed(0)
+    x = torch.randn(12, 1, 8, 8)
+    static = StaticMethod("r20", create_model("resnet20_cifar", num_classes=10, in_chans=1))
+    out = static.run(x)
+    assert torch.all(out.flops == out.flops[0]) and out.exit_stage is None
+    sk = create_model("skipnet20_cifar", num_classes=10, in_chans=1).eval()
+    m = SkipNetMethod("sk", sk, thresholds=[0.9])
+    with torch.no_grad():
+        o = m.run(x)
+    table = sk.cost_table(x[:1])
+    assert torch.allclose(o.flops, table.per_sample(o.executed))
+    rnd = RandomSkipMethod("rnd", sk, seed=0)
+    with pytest.raises(UserError, match="no rates"):
+        rnd.run(x)
+    rnd.match(torch.tensor([[1.0] * 9, [1.0] + [0.0] * 8]))  # block 0 always; others half the time
+    with torch.no_grad():
+        r = rnd.run(torch.randn(400, 1, 8, 8))
+    assert r.executed[:, 0].all() and 0.4 < r.executed[:, 1:].mean() < 0.6
+    assert torch.allclose(r.flops, table.per_sample(r.executed) - table.gate_flops)
+
+
+def test_bucket_table_and_cost_trend():
+    recs = []
+    for i, (bucket_flops, correct) in enumerate([(1e9, 1), (1e9, 1), (2e9, 1), (4e9, 0)]):
+        recs.append({"method": "dyn", "index": i, "correct": correct, "flops": bucket_flops, "blocks": float("nan"),
+                     "exit_stage": 0 if bucket_flops < 2e9 else 1, "batch1_ms": 1.0, "batch_share_ms": 0.5})
+    buckets = ladder_buckets([np.array([1, 1, 0, 0]), np.array([1, 1, 1, 0])], ["a", "b"])
+    table = bucket_table(recs, buckets)
+    assert [r["count"] for r in table] == [2, 1, 1]
+    assert [r["gflops_mean"] for r in table] == [1.0, 2.0, 4.0]
+    assert table[0]["exit_shares"] == [1.0, 0.0]
+    trend = cost_trend(table, {"dyn": "cascade"})
+    assert trend["dyn"]["monotone_rising"] and trend["dyn"]["hardest_over_easiest"] == 4.0
+
+
+@pytest.fixture(scope="module")
+def digits_runs(tmp_path_factory):
+    """Every run the digits evaluation reads, trained for a couple of steps."""
+    root = tmp_path_factory.mktemp("digits")
+    logs = root / "logs"
+    for exp in ("digits_linear", "digits_tiny_cnn", "digits_resnet20", "digits_skipnet20_sp", "digits_skipnet20_rl"):
+        out = logs / "train" / "runs" / exp / "0"
+        cfg = shrink(compose_config("train.yaml", [f"experiment={exp}"], out))
+        with open_dict(cfg):
+            cfg.paths.log_dir = str(logs)
+            cfg.trainer.max_epochs = 1
+            cfg.trainer.limit_train_batches = 3
+            cfg.trainer.limit_val_batches = 2
+            cfg.trainer.limit_test_batches = 2
+            cfg.callbacks.early_stopping = None
+            cfg.callbacks.lr_monitor = None
+            if "skipnet20_sp" in exp:
+                cfg.model.net.backbone.pretrained = str(logs / "train" / "runs" / "digits_resnet20")
+            if "skipnet20_rl" in exp:
+                cfg.model.net.pretrained = str(logs / "train" / "runs" / "digits_skipnet20_sp")
+        train(cfg)
+    out = logs / "cascade" / "runs" / "digits_linear-tiny_cnn-resnet20_max_prob" / "0"
+    cfg = compose_config("cascade.yaml", ["experiment=digits_cascade_3stage"], out)
+    with open_dict(cfg):
+        cfg.paths.log_dir = str(logs)
+        cfg.device = "cpu"
+        cfg.latency.repeats = 2
+    for node in cfg.cascade.stages.values():  # compose_config re-points log_dir after interpolation
+        node.checkpoint = str(logs / "train" / "runs" / node.checkpoint.split("/")[-1])
+    run_cascade(cfg)
+    return logs
+
+
+def test_digits_evaluation_end_to_end(digits_runs, tmp_path):
+    cfg = compose_config("eval.yaml", ["experiment=digits_eval_dynamic"], tmp_path)
+    with open_dict(cfg):
+        cfg.device = "cpu"
+        cfg.evaluation.latency.batch1_inputs = 20
+        cfg.evaluation.latency.batch_repeats = 1
+        for node in cfg.evaluation.methods.values():
+            if node is not None:
+                node.run = node.run.replace(str(tmp_path / "logs"), str(digits_runs))
+    record = compare(cfg)
+    names = {p["method"] for p in record["points"]}
+    assert names == {"linear", "tiny_cnn", "resnet20", "skipnet20", "random_skip", "cascade_3stage"}
+    assert record["difficulty"]["labels"][-1] == "3:unsolved" and sum(record["difficulty"]["counts"]) == 360
+    for f in ("records.csv", "points.csv", "buckets.csv", "pareto.csv", "report.md", "accuracy_vs_gflops.png",
+              "accuracy_vs_latency.png", "bucket_cost.png", "metrics.json"):
+        assert (tmp_path / f).is_file(), f
+    with (tmp_path / "records.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 * 360
+    sk = [r for r in rows if r["method"] == "skipnet20"]
+    rnd = [r for r in rows if r["method"] == "random_skip"]
+    # Random skipping copies SkipNet's per-block rates: the same mean FLOPs within sampling noise.
+    mean = lambda rs: sum(float(r["flops"]) for r in rs) / len(rs)  # noqa: E731
+    assert mean(rnd) == pytest.approx(mean(sk), rel=0.1)
+    timed = [r for r in rows if r["method"] == "resnet20" and r["batch1_ms"] != "nan"]
+    assert len(timed) == 20 and all(float(r["batch1_ms"]) > 0 for r in timed)
+    assert "cascade_3stage" in record["cost_by_difficulty"] and "skipnet20" in record["cost_by_difficulty"]
+    points = {(p["method"], p["point"]) for p in record["points"]}
+    assert ("skipnet20", "thr=0.3") in points and ("cascade_3stage", "eps=0") in points
+
+
+def test_evaluation_names_a_missing_run(tmp_path):
+    cfg = compose_config("eval.yaml", ["experiment=digits_eval_dynamic"], tmp_path)
+    with pytest.raises(SystemExit) as e:
+        compare(cfg)
+    assert e.value.code == 2

@@ -105,7 +105,7 @@ def evaluate_methods(methods: list[Method], x: torch.Tensor, y: torch.Tensor, de
             if out.executed is not None:
                 row["blocks_per_img"] = float(out.executed.sum(1).mean())
             if out.exit_stage is not None:
-                k = int(out.exit_stage.max()) + 1
+                k = getattr(method, "num_stages", int(out.exit_stage.max()) + 1)
                 row["exit_shares"] = [round(float((out.exit_stage == s).float().mean()), 4) for s in range(k)]
             if latency.enabled:
                 ms_per_img, per_batch = _batch_ms_per_input(method, x, batch_size, device, latency.batch_repeats,

@@ -168,6 +168,7 @@ class CascadeMethod(Method):
             {"label": f"eps={p['epsilon']:g}", "thresholds": [float(t) for t in p["thresholds"]]} for p in frontier]
         super().__init__(name, "cascade", points)
         self.cascade = cascade.eval()
+        self.num_stages = cascade.num_stages
         self._costs = None
 
     def run(self, x: torch.Tensor, thresholds: Sequence[float] | None = None, **point: Any) -> MethodOutput:

@@ -22,8 +22,12 @@ def _pct(v: np.ndarray, q: float) -> float:
     return float(np.percentile(v, q)) if len(v) else math.nan
 
 
-def bucket_table(records: Sequence[dict[str, Any]], buckets: Buckets) -> list[dict[str, Any]]:
-    """One row per (method, bucket): count, accuracy, mean/p95 GFLOPs, blocks or exit shares, latency."""
+def bucket_table(records: Sequence[dict[str, Any]], buckets: Buckets,
+                 num_stages: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """One row per (method, bucket): count, accuracy, mean/p95 GFLOPs, blocks or exit shares, latency.
+
+    ``num_stages`` gives a cascade's stage count, so every row lists a share for every stage.
+    """
     rows = []
     methods = list(dict.fromkeys(r["method"] for r in records))
     for m in methods:
@@ -46,7 +50,7 @@ def bucket_table(records: Sequence[dict[str, Any]], buckets: Buckets) -> list[di
             if not np.isnan(blocks).all():
                 row["blocks_mean"] = float(blocks[sel].mean())
             if (exits >= 0).any():
-                n_stages = int(exits.max()) + 1
+                n_stages = (num_stages or {}).get(m, int(exits.max()) + 1)
                 row["exit_shares"] = [round(float((exits[sel] == s).mean()), 3) for s in range(n_stages)]
             row["batch1_ms_p50"] = _pct(b1[sel], 50)
             row["batch1_ms_p95"] = _pct(b1[sel], 95)

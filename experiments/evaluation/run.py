@@ -82,7 +82,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     with watch("evaluate_s"):
         res = evaluate_methods(methods, x, y, device, ev.batch_size, ev.latency)
     buckets = make_buckets(ev.difficulty, res, len(x))
-    table = bucket_table(res.records, buckets)
+    table = bucket_table(res.records, buckets, {m.name: m.num_stages for m in methods if hasattr(m, "num_stages")})
     kinds = {m.name: m.kind for m in methods}
     trend = cost_trend(table, kinds)
     pareto = pareto_table(res.points, ev.get("reference"))

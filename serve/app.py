@@ -1,0 +1,180 @@
+"""The HTTP endpoint (FastAPI): predict, models, health, readiness, Prometheus metrics, run-time settings.
+
+    POST /v1/models/{name}/predict   {"inputs": [[...], ...]} or {"input": [...]} or {"images": ["<base64 PNG/JPEG>"]}
+                                     optional "deadline_ms", "priority"; answers one result per input
+    GET  /v1/models                  the models, their input shape and published triage levels
+    GET  /v1/settings                batching and triage knobs of every model
+    PUT  /v1/settings/{name}         {"batching": {...}, "triage": {"mode": "auto"}} while serving
+    GET  /healthz, /readyz, /metrics
+
+Bad requests get a 4xx that says what is wrong: malformed JSON (400), wrong shape, dtype, NaN or inf
+(422), a payload over ``max_body_bytes`` (413), an unknown model (404), a full queue (429 with
+Retry-After), shutting down (503). The server keeps serving after any of them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+from contextlib import asynccontextmanager
+from typing import Any
+
+import torch
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+
+from serve.engine import EngineClosed, QueueFull, ServingEngine
+
+__all__ = ["create_app"]
+
+
+class PredictRequest(BaseModel):
+    """One input (``input``), several (``inputs``), or base64 images (``images``); one of them."""
+
+    input: list[Any] | None = Field(None, description="one input, nested lists of numbers in the model's input shape")
+    inputs: list[Any] | None = Field(None, description="a batch of inputs")
+    images: list[str] | None = Field(None, description="base64-encoded PNG or JPEG images")
+    deadline_ms: float | None = Field(None, gt=0, description="answer within this many ms (default: the SLO)")
+    priority: int = Field(0, description="higher is served first")
+    labels: list[int] | None = Field(None, description="true labels, for accuracy accounting by load tools")
+
+
+class SettingsUpdate(BaseModel):
+    batching: dict[str, Any] | None = None
+    triage: dict[str, Any] | None = None
+
+
+def _to_tensor(req: PredictRequest, shape: tuple[int, ...], max_inputs: int) -> torch.Tensor:
+    given = [k for k in ("input", "inputs", "images") if getattr(req, k) is not None]
+    if len(given) != 1:
+        raise HTTPException(422, f"give exactly one of input, inputs, images (got {given or 'none'})")
+    if req.images is not None:
+        x = torch.stack([_decode_image(s, shape) for s in req.images]) if req.images else torch.empty(0, *shape)
+    else:
+        data = [req.input] if req.input is not None else req.inputs
+        try:
+            x = torch.tensor(data, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise HTTPException(422, f"inputs must be nested lists of numbers of one shape: {e}") from None
+    if x.ndim == len(shape):
+        x = x.unsqueeze(0)
+    if tuple(x.shape[1:]) != shape:
+        raise HTTPException(422, f"each input must have shape {list(shape)}, got {list(x.shape[1:])}")
+    if len(x) == 0:
+        raise HTTPException(422, "no inputs given")
+    if len(x) > max_inputs:
+        raise HTTPException(413, f"{len(x)} inputs in one request; at most {max_inputs}")
+    if not torch.isfinite(x).all():
+        raise HTTPException(422, "inputs contain NaN or infinity")
+    return x
+
+
+def _decode_image(b64: str, shape: tuple[int, ...]) -> torch.Tensor:
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms.v2 import functional as F
+
+    try:
+        img = Image.open(io.BytesIO(base64.b64decode(b64, validate=True)))
+        img.load()
+    except (binascii.Error, UnidentifiedImageError, OSError, ValueError):
+        raise HTTPException(422, "images must be base64-encoded PNG or JPEG files") from None
+    c, h, w = shape
+    img = img.convert("L" if c == 1 else "RGB").resize((w, h))
+    return F.to_dtype(F.to_image(img), torch.float32, scale=True)
+
+
+def create_app(engines: dict[str, ServingEngine], max_body_bytes: int = 8 << 20, max_inputs: int = 1024,
+               normalize: dict[str, tuple[list[float], list[float]]] | None = None) -> FastAPI:
+    """The app serving ``engines`` (name -> engine). Engines start with the app and drain when it stops.
+
+    ``normalize``: per model, the (mean, std) per channel to apply to decoded images (the training
+    transform); numeric ``inputs`` are taken as already normalised.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        for e in engines.values():
+            await e.start()
+        yield
+        for e in engines.values():
+            await e.stop(drain=True)
+
+    app = FastAPI(title="adaptive-inference serving", version="0.1.0", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > max_body_bytes:
+            return JSONResponse({"detail": f"request body over {max_body_bytes} bytes"}, status_code=413)
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return JSONResponse({"detail": "malformed JSON body"}, status_code=400)
+        return JSONResponse({"detail": [{"loc": e.get("loc"), "msg": e.get("msg")} for e in errors]},
+                            status_code=422)
+
+    def engine_of(name: str) -> ServingEngine:
+        if name not in engines:
+            raise HTTPException(404, f"no model {name!r}; models: {sorted(engines)}")
+        return engines[name]
+
+    @app.post("/v1/models/{name}/predict")
+    async def predict(name: str, req: PredictRequest) -> dict[str, Any]:
+        engine = engine_of(name)
+        x = _to_tensor(req, engine.servable.input_shape, max_inputs)
+        if req.images is not None and normalize and name in normalize:
+            mean, std = normalize[name]
+            x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+        try:
+            answers = await engine.submit(x, req.deadline_ms, req.priority)
+        except QueueFull as e:
+            raise HTTPException(429, str(e), headers={"Retry-After": str(max(1, math.ceil(e.retry_after_s)))})
+        except EngineClosed as e:
+            raise HTTPException(503, str(e)) from None
+        out = [a.to_dict() for a in answers]
+        if req.labels is not None and len(req.labels) == len(out):
+            for a, y in zip(out, req.labels):
+                a["correct"] = a["label"] == y if a["label"] is not None else None
+        return {"model": name, "outputs": out}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"models": [e.servable.describe() for e in engines.values()]}
+
+    @app.get("/v1/settings")
+    async def settings() -> dict[str, Any]:
+        return {name: e.settings() for name, e in engines.items()}
+
+    @app.put("/v1/settings/{name}")
+    async def update_settings(name: str, body: SettingsUpdate) -> dict[str, Any]:
+        engine = engine_of(name)
+        try:
+            return engine.update(body.batching, body.triage)
+        except (ValueError, TypeError) as e:
+            raise HTTPException(422, str(e)) from None
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        ready = all(e.ready for e in engines.values())
+        return JSONResponse({"ready": ready, "models": {n: e.ready for n, e in engines.items()}},
+                            status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        registries = {id(e.metrics.registry): e.metrics.registry for e in engines.values()}
+        body = b"".join(generate_latest(r) for r in registries.values())
+        return PlainTextResponse(body, media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,129 @@
+"""Open-loop load for the HTTP endpoint: Poisson arrivals and on/off bursts, to loopback only.
+
+Requests are sent at their scheduled times whether or not earlier ones have been answered (closed-loop
+clients wait, and so hide the tail). Each request carries one input and its label; the report gives
+throughput, latency percentiles, SLO attainment, goodput, and the rejected, expired and degraded
+counts, and the accuracy of what was answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+from urllib.parse import urlparse
+
+import httpx
+import numpy as np
+
+__all__ = ["LoadReport", "burst_arrivals", "poisson_arrivals", "run_load"]
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def poisson_arrivals(rate: float, duration_s: float, seed: int = 0) -> list[float]:
+    """Arrival times (s from start) of a Poisson process at ``rate`` per second."""
+    rng, t, out = random.Random(seed), 0.0, []
+    while True:
+        t += rng.expovariate(rate)
+        if t >= duration_s:
+            return out
+        out.append(t)
+
+
+def burst_arrivals(rate: float, duration_s: float, burst_start_s: float, burst_s: float, burst_factor: float,
+                   seed: int = 0) -> list[float]:
+    """Poisson arrivals at ``rate``, times ``burst_factor`` during ``[burst_start_s, burst_start_s + burst_s)``."""
+    rng, t, out = random.Random(seed), 0.0, []
+    while t < duration_s:
+        r = rate * burst_factor if burst_start_s <= t < burst_start_s + burst_s else rate
+        t += rng.expovariate(r)
+        if t < duration_s:
+            out.append(t)
+    return out
+
+
+@dataclass
+class LoadReport:
+    """What one load run measured (latencies in ms, rates per second)."""
+
+    sent: int
+    answered_ok: int
+    rejected: int
+    expired: int
+    errors: int
+    duration_s: float
+    offered_rps: float
+    throughput_rps: float
+    goodput_rps: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    slo_ms: float
+    slo_attainment: float
+    degraded: int
+    accuracy: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+async def run_load(url: str, model: str, inputs: Sequence[list], labels: Sequence[int] | None,
+                   arrivals: Sequence[float], slo_ms: float, deadline_ms: float | None = None,
+                   timeout_s: float = 30.0, max_connections: int = 512) -> LoadReport:
+    """Send one request per arrival time (cycling through ``inputs``) and measure the answers.
+
+    A request counts towards SLO attainment when it is answered ``ok`` within ``slo_ms`` (client-side
+    time); rejected (429), expired and failed requests count as misses.
+    """
+    host = urlparse(url).hostname
+    if host not in LOOPBACK:
+        raise ValueError(f"the load generator only targets loopback, not {host!r}")
+    results: list[dict[str, Any]] = []
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
+        async def one(i: int) -> None:
+            body: dict[str, Any] = {"input": inputs[i % len(inputs)]}
+            if labels is not None:
+                body["labels"] = [int(labels[i % len(labels)])]
+            if deadline_ms is not None:
+                body["deadline_ms"] = deadline_ms
+            t0 = time.perf_counter()
+            try:
+                r = await client.post(f"/v1/models/{model}/predict", json=body)
+                ms = (time.perf_counter() - t0) * 1e3
+                if r.status_code == 200:
+                    a = r.json()["outputs"][0]
+                    results.append({"code": 200, "ms": ms, "status": a["status"], "degraded": a["degraded"],
+                                    "correct": a.get("correct")})
+                else:
+                    results.append({"code": r.status_code, "ms": ms})
+            except httpx.HTTPError:
+                results.append({"code": -1, "ms": (time.perf_counter() - t0) * 1e3})
+
+        start = time.perf_counter()
+        tasks = []
+        for i, t in enumerate(arrivals):
+            delay = start + t - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+    ok = [r for r in results if r["code"] == 200 and r["status"] == "ok"]
+    lat = np.array([r["ms"] for r in ok]) if ok else np.array([np.nan])
+    met = sum(1 for r in ok if r["ms"] <= slo_ms)
+    graded = [r["correct"] for r in ok if r.get("correct") is not None]
+    span = max(arrivals[-1] if arrivals else duration, 1e-9)
+    return LoadReport(
+        sent=len(results), answered_ok=len(ok), rejected=sum(r["code"] == 429 for r in results),
+        expired=sum(r["code"] == 200 and r["status"] == "deadline_exceeded" for r in results),
+        errors=sum(r["code"] not in (200, 429) for r in results), duration_s=duration,
+        offered_rps=len(results) / span, throughput_rps=len(ok) / duration, goodput_rps=met / duration,
+        p50_ms=float(np.percentile(lat, 50)), p95_ms=float(np.percentile(lat, 95)),
+        p99_ms=float(np.percentile(lat, 99)), slo_ms=slo_ms,
+        slo_attainment=met / max(len(results), 1), degraded=sum(bool(r.get("degraded")) for r in ok),
+        accuracy=float(np.mean(graded)) if graded else None,
+    )

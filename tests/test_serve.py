@@ -1,0 +1,331 @@
+"""Serving: batching, re-batching across requests, deadlines, the bounded queue, triage, drain, the HTTP
+contract (bad inputs included) and a short open-loop load run over real HTTP on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import math
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from cascades import build_cascade
+from gating import create_model
+from gating.idk import MaxProbIDK
+from serve.app import create_app
+from serve.engine import BatchingConfig, EngineClosed, QueueFull, ServingEngine, TriageConfig
+from serve.loadgen import burst_arrivals, poisson_arrivals, run_load
+from serve.servable import CascadeServable, Servable, StageResult, TriageLevel, measure_levels
+
+
+class FakeCascade(Servable):
+    """Two stages; stage 0 answers rows whose first value is >= 0 (at level >= 1: every row).
+    Records the size of every batch per stage, and sleeps ``delay_s`` per batch."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        super().__init__("fake", "cascade", (3,), 2, [TriageLevel(0, {}), TriageLevel(1, {})])
+        self.delay_s = delay_s
+        self.batches: list[tuple[int, int]] = []
+
+    @property
+    def num_stages(self) -> int:
+        return 2
+
+    def stage(self, k: int, x: torch.Tensor, level: int = 0) -> StageResult:
+        self.batches.append((k, len(x)))
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        done = torch.ones(len(x), dtype=torch.bool) if k == 1 or level >= 1 else x[:, 0] >= 0
+        logits = torch.stack([x[:, 1], -x[:, 1]], 1)
+        return StageResult(done, logits, torch.full((len(x),), 10.0 * (k + 1), dtype=torch.float64), None, x)
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def test_batching_and_re_batching_across_requests():
+    fake = FakeCascade()
+
+    async def go():
+        engine = ServingEngine(fake, BatchingConfig(max_batch_size=16, max_delay_ms=20))
+        await engine.start()
+        # 40 single-input requests; every other one is deferred to stage 1.
+        xs = [torch.tensor([[1.0 if i % 2 else -1.0, 0.5, 0.0]]) for i in range(40)]
+        answers = await asyncio.gather(*(engine.submit(x) for x in xs))
+        await engine.stop()
+        return answers
+
+    answers = [a[0] for a in _run(go())]
+    assert all(a.status == "ok" for a in answers)
+    assert [a.exit_stage for a in answers] == [1 if i % 2 == 0 else 0 for i in range(40)]
+    assert [a.flops for a in answers] == [30.0 if i % 2 == 0 else 10.0 for i in range(40)]
+    stage0 = [n for k, n in fake.batches if k == 0]
+    stage1 = [n for k, n in fake.batches if k == 1]
+    assert sum(stage0) == 40 and max(stage0) == 16  # batched up to the limit
+    assert sum(stage1) == 20 and len(stage1) < 20   # deferred rows of different requests ran together
+    assert max(stage1) > 1
+
+
+def test_cascade_servable_answers_as_the_cascade_does():
+    torch.manual_seed(0)
+    stages = {"lin": create_model("linear", num_classes=10, in_chans=1, image_size=8),
+              "cnn": create_model("tiny_cnn", num_classes=10, in_chans=1, width=4)}
+    cascade = build_cascade(stages, MaxProbIDK(), thresholds=[0.15]).eval()
+    servable = CascadeServable("c", cascade, (1, 8, 8), 10)
+    x = torch.randn(30, 1, 8, 8)
+    with torch.no_grad():
+        want = cascade(x)
+
+    async def go():
+        engine = ServingEngine(servable, BatchingConfig(max_batch_size=8, max_delay_ms=5))
+        await engine.start()
+        out = await asyncio.gather(*(engine.submit(x[i:i + 1]) for i in range(30)))
+        await engine.stop()
+        return [a[0] for a in out]
+
+    got = _run(go())
+    assert [a.exit_stage for a in got] == want.exit_stage.tolist()
+    assert [a.label for a in got] == want.logits.argmax(-1).tolist()
+    costs = cascade.stage_costs(x)
+    assert [a.flops for a in got] == costs.per_sample(want.exit_stage).tolist()
+    # Triage levels: the calibrated thresholds, then first-stage only; both priced on labelled data.
+    levels = measure_levels(servable, x, want.logits.argmax(-1))
+    assert levels[0].val_acc == 1.0 and levels[-1].settings["thresholds"] == [-math.inf]
+    assert levels[-1].val_gflops_per_img == pytest.approx(costs.stage[0] / 1e9)
+
+
+def test_deadline_fires_during_a_running_batch():
+    fake = FakeCascade(delay_s=0.3)
+
+    async def go():
+        engine = ServingEngine(fake, BatchingConfig(max_batch_size=4, max_delay_ms=0))
+        await engine.start()
+        t0 = time.monotonic()
+        slow = asyncio.create_task(engine.submit(torch.tensor([[1.0, 0.0, 0.0]]), deadline_ms=1000))
+        await asyncio.sleep(0.02)  # the first batch is running now
+        late = await engine.submit(torch.tensor([[1.0, 0.0, 0.0]]), deadline_ms=50)
+        t_late = time.monotonic() - t0
+        first = await slow
+        await engine.stop()
+        return late[0], t_late, first[0]
+
+    late, t_late, first = _run(go())
+    assert late.status == "deadline_exceeded" and t_late < 0.2  # answered at its deadline, not after the batch
+    assert first.status == "ok"
+
+
+def test_bounded_queue_rejects_instead_of_blocking():
+    fake = FakeCascade(delay_s=0.2)
+
+    async def go():
+        engine = ServingEngine(fake, BatchingConfig(max_batch_size=2, max_delay_ms=0, max_queue=4, slo_ms=5000))
+        await engine.start()
+        first = asyncio.create_task(engine.submit(torch.ones(2, 3)))
+        await asyncio.sleep(0.02)
+        queued = asyncio.create_task(engine.submit(torch.ones(4, 3)))
+        await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        with pytest.raises(QueueFull) as e:
+            await engine.submit(torch.ones(1, 3))
+        waited = time.monotonic() - t0
+        answers = await first + await queued
+        await engine.stop()
+        with pytest.raises(EngineClosed):
+            await engine.submit(torch.ones(1, 3))
+        return e.value, waited, answers
+
+    err, waited, answers = _run(go())
+    assert waited < 0.05 and err.retry_after_s > 0
+    assert len(answers) == 6 and all(a.status == "ok" for a in answers)
+
+
+def test_triage_on_auto_and_back():
+    fake = FakeCascade(delay_s=0.01)
+
+    async def go():
+        engine = ServingEngine(fake, BatchingConfig(max_batch_size=4, max_delay_ms=1, slo_ms=40),
+                               TriageConfig(mode="off", hold_s=0.1, enter_wait_fraction=0.3, exit_wait_fraction=0.2))
+        await engine.start()
+        x = torch.tensor([[-1.0, 0.0, 0.0]])  # deferred at level 0, answered at stage 0 at level 1
+        normal = (await engine.submit(x))[0]
+        engine.update(triage={"mode": "on", "level": 1})
+        triaged = (await engine.submit(x))[0]
+        engine.update(triage={"mode": "auto"})
+        flood = await asyncio.gather(*(engine.submit(x, deadline_ms=5000) for _ in range(200)))
+        peak = max(level for _, level in engine.level_changes)
+        await asyncio.sleep(0.3)
+        for _ in range(5):  # calm traffic lets auto step back down after hold_s
+            await engine.submit(x)
+            await asyncio.sleep(0.05)
+        final = engine.triage_level
+        with pytest.raises(ValueError, match="off, on or auto"):
+            engine.update(triage={"mode": "sometimes"})
+        with pytest.raises(ValueError, match="unknown setting"):
+            engine.update(batching={"max_batchsize": 3})
+        await engine.stop()
+        return normal, triaged, flood, peak, final
+
+    normal, triaged, flood, peak, final = _run(go())
+    assert normal.exit_stage == 1 and not normal.degraded
+    assert triaged.exit_stage == 0 and triaged.degraded
+    assert peak == 1 and any(a[0].degraded for a in flood)
+    assert final == 0
+
+
+def test_stop_drains_in_flight_work():
+    fake = FakeCascade(delay_s=0.01)
+
+    async def go():
+        engine = ServingEngine(fake, BatchingConfig(max_batch_size=8, max_delay_ms=1, slo_ms=10000))
+        await engine.start()
+        tasks = [asyncio.create_task(engine.submit(torch.randn(1, 3))) for _ in range(50)]
+        await asyncio.sleep(0)
+        await engine.stop(drain=True)
+        return [(await t)[0] for t in tasks]
+
+    answers = _run(go())
+    assert len(answers) == 50 and all(a.status == "ok" for a in answers)
+
+
+# ------------------------------------------------------------------------------------------ HTTP API
+def _png(value: int = 128) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (8, 8), value).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _app(max_queue: int = 4096, delay_s: float = 0.0):
+    torch.manual_seed(0)
+    stages = {"lin": create_model("linear", num_classes=10, in_chans=1, image_size=8),
+              "cnn": create_model("tiny_cnn", num_classes=10, in_chans=1, width=4)}
+    cascade = build_cascade(stages, MaxProbIDK(), thresholds=[0.15]).eval()
+    engines = {"cascade": ServingEngine(CascadeServable("cascade", cascade, (1, 8, 8), 10),
+                                        BatchingConfig(max_batch_size=16, max_delay_ms=1, max_queue=max_queue)),
+               "fake": ServingEngine(FakeCascade(delay_s), BatchingConfig(max_batch_size=2, max_delay_ms=0,
+                                                                          max_queue=max_queue, slo_ms=10000))}
+    return create_app(engines, max_body_bytes=200_000, max_inputs=64)
+
+
+def test_http_contract_and_bad_inputs():
+    with TestClient(_app()) as client:
+        ok = client.post("/v1/models/cascade/predict", json={"inputs": torch.randn(3, 1, 8, 8).tolist(),
+                                                            "labels": [1, 2, 3]})
+        assert ok.status_code == 200
+        outs = ok.json()["outputs"]
+        assert len(outs) == 3 and {"label", "confidence", "exit_stage", "flops", "degraded", "status",
+                                   "correct"} <= set(outs[0])
+        one = client.post("/v1/models/cascade/predict", json={"input": torch.randn(1, 8, 8).tolist()})
+        assert one.status_code == 200 and len(one.json()["outputs"]) == 1
+        img = client.post("/v1/models/cascade/predict", json={"images": [_png(), _png(20)]})
+        assert img.status_code == 200 and len(img.json()["outputs"]) == 2
+
+        def post(body=None, content=None, model="cascade"):
+            return client.post(f"/v1/models/{model}/predict", json=body, content=content,
+                               headers={"content-type": "application/json"})
+
+        assert post(content=b"{not json").status_code == 400
+        assert post({"inputs": [[1, 2, 3]]}).status_code == 422                       # wrong shape
+        assert "shape" in post({"inputs": [[1, 2, 3]]}).json()["detail"]
+        assert post({"inputs": [["a"] * 8] * 8}).status_code == 422                    # wrong dtype
+        nan = torch.zeros(1, 8, 8).tolist()
+        nan[0][0][0] = float("nan")
+        assert post(content=f'{{"input": {str(nan).replace("nan", "NaN")}}}'.encode()).status_code == 422
+        inf = post(content=b'{"input": [[' + b",".join([b"Infinity"] * 8) + b"]" + b",[0,0,0,0,0,0,0,0]" * 7 + b"]}")
+        assert inf.status_code == 422
+        assert post({"input": [[0.0] * 8] * 8, "inputs": [[[0.0] * 8] * 8]}).status_code == 422   # both
+        assert post({"images": ["bm90IGFuIGltYWdl"]}).status_code == 422              # not an image
+        assert post({"inputs": torch.zeros(65, 1, 8, 8).tolist()}).status_code == 413  # too many inputs
+        assert post(content=b'{"inputs": [' + b"0," * 150_000 + b"0]}").status_code == 413   # too big
+        assert post({"input": torch.zeros(1, 8, 8).tolist()}, model="nope").status_code == 404
+        assert post({"input": torch.zeros(1, 8, 8).tolist(), "deadline_ms": -1}).status_code == 422
+        # The server still serves after all that.
+        assert post({"input": torch.zeros(1, 8, 8).tolist()}).status_code == 200
+
+        models = client.get("/v1/models").json()["models"]
+        assert {m["name"] for m in models} == {"cascade", "fake"}
+        cascade = next(m for m in models if m["name"] == "cascade")
+        assert cascade["stages"] == 2 and cascade["triage_levels"][-1]["settings"]["thresholds"] == ["-inf"]
+        assert client.get("/healthz").json() == {"status": "ok"} and client.get("/readyz").status_code == 200
+        s = client.put("/v1/settings/cascade", json={"triage": {"mode": "on"}, "batching": {"max_batch_size": 4}})
+        assert s.status_code == 200 and s.json()["triage_level"] == 1
+        degraded = post({"input": torch.zeros(1, 8, 8).tolist()}).json()["outputs"][0]
+        assert degraded["degraded"] and degraded["exit_stage"] == 0
+        assert client.put("/v1/settings/cascade", json={"triage": {"mode": "maybe"}}).status_code == 422
+        assert client.get("/v1/settings").json()["cascade"]["batching"]["max_batch_size"] == 4
+        text = client.get("/metrics").text
+        for name in ("serve_queue_depth", "serve_queue_wait_seconds", "serve_batch_size", "serve_exits_total",
+                     "serve_request_latency_seconds", "serve_slo_total", "serve_triage_level",
+                     "serve_degraded_total", "serve_rejected_total"):
+            assert name in text, name
+        assert 'serve_triage_level{model="cascade"} 1.0' in text
+
+
+def test_http_full_queue_is_429_with_retry_after():
+    with TestClient(_app(max_queue=2, delay_s=0.3)) as client:
+        results = []
+
+        def send():
+            results.append(client.post("/v1/models/fake/predict", json={"inputs": [[1.0, 0.0, 0.0]] * 2}))
+
+        threads = [threading.Thread(target=send) for _ in range(3)]
+        for t in threads:
+            t.start()
+            time.sleep(0.05)
+        for t in threads:
+            t.join()
+        codes = sorted(r.status_code for r in results)
+        assert codes[0] == 200 and codes[-1] == 429
+        r429 = next(r for r in results if r.status_code == 429)
+        assert int(r429.headers["Retry-After"]) >= 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_open_loop_load_over_real_http():
+    import uvicorn
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(_app(), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(100):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        x = torch.randn(20, 1, 8, 8)
+        arrivals = poisson_arrivals(rate=60, duration_s=1.5, seed=1)
+        report = asyncio.run(run_load(f"http://127.0.0.1:{port}", "cascade", x.tolist(), list(range(10)) * 2,
+                                      arrivals, slo_ms=1000))
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert report.sent == len(arrivals) and report.answered_ok == report.sent
+    assert report.rejected == 0 and report.errors == 0 and report.slo_attainment > 0.9
+    assert 0 <= report.accuracy <= 1 and report.p50_ms <= report.p99_ms
+    with pytest.raises(ValueError, match="loopback"):
+        asyncio.run(run_load("http://example.com", "cascade", x.tolist(), None, [0.0], slo_ms=10))
+
+
+def test_arrival_processes():
+    a = poisson_arrivals(100, 10, seed=0)
+    assert 900 < len(a) < 1100 and a == sorted(a) and a[-1] < 10
+    b = burst_arrivals(50, 10, burst_start_s=4, burst_s=2, burst_factor=4, seed=0)
+    in_burst = sum(4 <= t < 6 for t in b)
+    assert 300 < in_burst < 500 and 300 < len(b) - in_burst < 500

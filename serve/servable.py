@@ -154,7 +154,10 @@ class CascadeServable(Servable):
 @torch.no_grad()
 def measure_levels(servable: Servable, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> list[TriageLevel]:
     """Run every triage level offline on labelled data (validation) and record its accuracy and mean
-    GFLOPs per image in ``servable.levels``: the price of each level, published with the model."""
+    GFLOPs per image in ``servable.levels``: the price of each level, published with the model.
+
+    Levels that are not cheaper than the level before them are dropped (and the rest renumbered).
+    """
     device = next(p.device for p in _modules(servable)[0].parameters())
     measured = []
     for lv in servable.levels:
@@ -175,8 +178,13 @@ def measure_levels(servable: Servable, x: torch.Tensor, y: torch.Tensor, batch_s
             correct += int((pred == labels).sum())
             flops += float(spent.sum())
         measured.append(TriageLevel(lv.level, lv.settings, correct / len(x), flops / len(x) / 1e9))
-    servable.levels = measured
-    return measured
+    # A triage level must be cheaper than the one below it: keep level 0, then each strictly cheaper one.
+    kept = [measured[0]]
+    for lv in measured[1:]:
+        if lv.val_gflops_per_img < kept[-1].val_gflops_per_img:
+            kept.append(TriageLevel(len(kept), lv.settings, lv.val_acc, lv.val_gflops_per_img))
+    servable.levels = kept
+    return kept
 
 
 def _modules(servable: Servable) -> list[nn.Module]:

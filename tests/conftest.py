@@ -13,6 +13,8 @@ from omegaconf import DictConfig, open_dict
 
 os.environ.setdefault("WANDB_MODE", "disabled")  # tests never talk to wandb
 import experiments  # noqa: E402,F401  (sets PROJECT_ROOT)
+from experiments.cascade import run_cascade  # noqa: E402
+from experiments.train import train  # noqa: E402
 from tests.helpers.fake_data import skip_integrity_checks  # noqa: E402,F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,3 +65,36 @@ def shrink(cfg: DictConfig) -> DictConfig:
 def train_cfg(tmp_path) -> DictConfig:
     """train.yaml on synthetic data with a tiny CNN, one short epoch on the CPU."""
     return shrink(compose_config("train.yaml", ["data=synthetic", "model=tiny_cnn"], tmp_path))
+
+
+@pytest.fixture(scope="session")
+def digits_runs(tmp_path_factory):
+    """Every run the digits evaluation reads, trained for a couple of steps."""
+    root = tmp_path_factory.mktemp("digits")
+    logs = root / "logs"
+    for exp in ("digits_linear", "digits_tiny_cnn", "digits_resnet20", "digits_skipnet20_sp", "digits_skipnet20_rl"):
+        out = logs / "train" / "runs" / exp / "0"
+        cfg = shrink(compose_config("train.yaml", [f"experiment={exp}"], out))
+        with open_dict(cfg):
+            cfg.paths.log_dir = str(logs)
+            cfg.trainer.max_epochs = 1
+            cfg.trainer.limit_train_batches = 3
+            cfg.trainer.limit_val_batches = 2
+            cfg.trainer.limit_test_batches = 2
+            cfg.callbacks.early_stopping = None
+            cfg.callbacks.lr_monitor = None
+            if "skipnet20_sp" in exp:
+                cfg.model.net.backbone.pretrained = str(logs / "train" / "runs" / "digits_resnet20")
+            if "skipnet20_rl" in exp:
+                cfg.model.net.pretrained = str(logs / "train" / "runs" / "digits_skipnet20_sp")
+        train(cfg)
+    out = logs / "cascade" / "runs" / "digits_linear-tiny_cnn-resnet20_max_prob" / "0"
+    cfg = compose_config("cascade.yaml", ["experiment=digits_cascade_3stage"], out)
+    with open_dict(cfg):
+        cfg.paths.log_dir = str(logs)
+        cfg.device = "cpu"
+        cfg.latency.repeats = 2
+    for node in cfg.cascade.stages.values():  # compose_config re-points log_dir after interpolation
+        node.checkpoint = str(logs / "train" / "runs" / node.checkpoint.split("/")[-1])
+    run_cascade(cfg)
+    return logs

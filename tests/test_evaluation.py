@@ -9,14 +9,12 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from experiments.cascade import run_cascade
 from experiments.evaluation.difficulty import confidence_buckets, ladder_buckets, score_buckets
 from experiments.evaluation.methods import CascadeMethod, RandomSkipMethod, SkipNetMethod, StaticMethod
 from experiments.evaluation.report import bucket_table, cost_trend
 from experiments.evaluation.run import compare
-from experiments.train import train
 from gating import UserError, create_model
-from tests.conftest import compose_config, shrink
+from tests.conftest import compose_config
 
 
 def test_ladder_and_quantile_buckets(tmp_path):
@@ -72,39 +70,6 @@ def test_bucket_table_and_cost_trend():
     assert trend["dyn"]["monotone_rising"] and trend["dyn"]["hardest_over_easiest"] == 4.0
 
 
-@pytest.fixture(scope="module")
-def digits_runs(tmp_path_factory):
-    """Every run the digits evaluation reads, trained for a couple of steps."""
-    root = tmp_path_factory.mktemp("digits")
-    logs = root / "logs"
-    for exp in ("digits_linear", "digits_tiny_cnn", "digits_resnet20", "digits_skipnet20_sp", "digits_skipnet20_rl"):
-        out = logs / "train" / "runs" / exp / "0"
-        cfg = shrink(compose_config("train.yaml", [f"experiment={exp}"], out))
-        with open_dict(cfg):
-            cfg.paths.log_dir = str(logs)
-            cfg.trainer.max_epochs = 1
-            cfg.trainer.limit_train_batches = 3
-            cfg.trainer.limit_val_batches = 2
-            cfg.trainer.limit_test_batches = 2
-            cfg.callbacks.early_stopping = None
-            cfg.callbacks.lr_monitor = None
-            if "skipnet20_sp" in exp:
-                cfg.model.net.backbone.pretrained = str(logs / "train" / "runs" / "digits_resnet20")
-            if "skipnet20_rl" in exp:
-                cfg.model.net.pretrained = str(logs / "train" / "runs" / "digits_skipnet20_sp")
-        train(cfg)
-    out = logs / "cascade" / "runs" / "digits_linear-tiny_cnn-resnet20_max_prob" / "0"
-    cfg = compose_config("cascade.yaml", ["experiment=digits_cascade_3stage"], out)
-    with open_dict(cfg):
-        cfg.paths.log_dir = str(logs)
-        cfg.device = "cpu"
-        cfg.latency.repeats = 2
-    for node in cfg.cascade.stages.values():  # compose_config re-points log_dir after interpolation
-        node.checkpoint = str(logs / "train" / "runs" / node.checkpoint.split("/")[-1])
-    run_cascade(cfg)
-    return logs
-
-
 def test_digits_evaluation_end_to_end(digits_runs, tmp_path):
     cfg = compose_config("eval.yaml", ["experiment=digits_eval_dynamic"], tmp_path)
     with open_dict(cfg):
@@ -141,3 +106,23 @@ def test_evaluation_names_a_missing_run(tmp_path):
     with pytest.raises(SystemExit) as e:
         compare(cfg)
     assert e.value.code == 2
+
+
+def test_serve_builds_the_digits_models_and_prices_triage(digits_runs, tmp_path):
+    """experiments.serve builds servables from the run folders and measures every triage level on val."""
+    from experiments.serve import build_engines
+
+    cfg = compose_config("serve.yaml", ["experiment=digits_serve"], tmp_path)
+    with open_dict(cfg):
+        cfg.device = "cpu"
+        for node in cfg.models.values():
+            if node is not None:
+                node.run = node.run.replace(str(tmp_path / "logs"), str(digits_runs))
+    engines = build_engines(cfg)
+    assert set(engines) == {"cascade", "skipnet20", "resnet20"}
+    for e in engines.values():
+        levels = e.servable.levels
+        assert all(lv.val_acc is not None for lv in levels)
+        costs = [lv.val_gflops_per_img for lv in levels]
+        assert costs == sorted(costs, reverse=True) and len(set(costs)) == len(costs)  # each level cheaper
+    assert engines["cascade"].servable.levels[-1].settings["thresholds"][0] == float("-inf")

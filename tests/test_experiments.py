@@ -17,7 +17,10 @@ from tests.helpers.fake_data import write_cifar, write_image_folder, write_mnist
 ALL_EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
 # Experiments of `python -m experiments.cascade` (tests/test_cascade_run.py); the rest are training runs.
 CASCADE_EXPERIMENTS = [e for e in ALL_EXPERIMENTS if "_cascade_" in e]
-EXPERIMENTS = [e for e in ALL_EXPERIMENTS if e not in CASCADE_EXPERIMENTS]
+# Of `python -m experiments.eval` (tests/test_evaluation.py) and `python -m experiments.serve` (tests/test_serve.py).
+EVAL_EXPERIMENTS = [e for e in ALL_EXPERIMENTS if "_eval_" in e]
+SERVE_EXPERIMENTS = [e for e in ALL_EXPERIMENTS if e.endswith("_serve")]
+EXPERIMENTS = [e for e in ALL_EXPERIMENTS if e not in CASCADE_EXPERIMENTS + EVAL_EXPERIMENTS + SERVE_EXPERIMENTS]
 
 
 def _fake_data_for(cfg, tmp_path: Path) -> None:

@@ -1,0 +1,197 @@
+"""Serving under open-loop load: peak throughput per model at a latency objective, the serving layer's
+own overhead, Poisson load at 80% of peak, and a 2x burst with triage off and auto.
+
+    python bench/serve_load.py                                              # MNIST models, prints tables, writes JSON
+    python bench/serve_load.py output=docs/results/serve_mnist_cpu.json
+    python bench/serve_load.py serve_overrides='[experiment=digits_serve]' data=digits   # the digits models
+
+The server runs as its own process (``python -m experiments.serve``) on loopback and the load comes from
+this one, so client and server do not share an interpreter. On a 2-core machine they still share the
+cores; the JSON records the machine. Peak throughput is the highest Poisson rate whose SLO attainment is
+at least ``peak_attainment`` over ``probe_s`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+import experiments  # noqa: F401
+from cascades.calibrate import batches_to_tensor
+from experiments.report import machine_info, markdown_table, write_json
+from experiments.utils import run_hydra, user_facing
+from gating.errors import UserError
+from serve.loadgen import burst_arrivals, poisson_arrivals, run_load
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(cfg: DictConfig, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "experiments.serve", f"port={port}", "extras.print_config=false",
+           f"batching.slo_ms={cfg.slo_ms}", f"batching.max_batch_size={cfg.max_batch_size}",
+           f"batching.max_delay_ms={cfg.max_delay_ms}", f"paths.log_dir={cfg.paths.log_dir}",
+           f"hydra.run.dir={cfg.paths.output_dir}/server", *cfg.serve_overrides]
+    log = open(Path(cfg.paths.output_dir) / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cfg.paths.root_dir)
+    t_end = time.monotonic() + cfg.startup_timeout_s
+    while time.monotonic() < t_end:
+        if proc.poll() is not None:
+            raise UserError(f"the server exited with status {proc.returncode}; see {log.name}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.terminate()
+    raise UserError(f"the server did not become ready in {cfg.startup_timeout_s} s; see {log.name}")
+
+
+def put(url: str, model: str, body: dict[str, Any]) -> None:
+    r = httpx.put(f"{url}/v1/settings/{model}", json=body, timeout=10)
+    r.raise_for_status()
+
+
+def load(url: str, model: str, xs: list, ys: list, arrivals: list[float], slo_ms: float) -> dict[str, Any]:
+    return asyncio.run(run_load(url, model, xs, ys, arrivals, slo_ms)).to_dict()
+
+
+def find_peak(url: str, model: str, xs: list, ys: list, cfg: DictConfig) -> tuple[float, list[dict[str, Any]]]:
+    """Highest Poisson rate with attainment >= cfg.peak_attainment: grow by 1.5x, then bisect."""
+    probes, lo, hi, rate = [], 0.0, None, float(cfg.start_rate)
+    while hi is None and rate <= cfg.max_rate:
+        rep = load(url, model, xs, ys, poisson_arrivals(rate, cfg.probe_s, seed=len(probes)), cfg.slo_ms)
+        probes.append({"rate": rate, **rep})
+        if rep["slo_attainment"] >= cfg.peak_attainment:
+            lo, rate = rate, rate * 1.5
+        else:
+            hi = rate
+    for _ in range(cfg.bisect_steps if hi is not None else 0):
+        mid = (lo + hi) / 2
+        rep = load(url, model, xs, ys, poisson_arrivals(mid, cfg.probe_s, seed=len(probes)), cfg.slo_ms)
+        probes.append({"rate": mid, **rep})
+        lo, hi = (mid, hi) if rep["slo_attainment"] >= cfg.peak_attainment else (lo, mid)
+    return lo, probes
+
+
+def overhead(url: str, model: str, servable_cfg: DictConfig, xs: torch.Tensor, n: int) -> dict[str, float]:
+    """p50 of one input sent alone over HTTP against the same input through the model directly."""
+    servable = instantiate(servable_cfg, name=model)
+    direct = []
+    with torch.inference_mode():
+        for i in range(n):
+            x = xs[i % len(xs)][None]
+            t0 = time.perf_counter()
+            for k in range(servable.num_stages):
+                res = servable.stage(k, x, 0)
+                if bool(res.done[0]):
+                    break
+                x = res.next_x
+            direct.append((time.perf_counter() - t0) * 1e3)
+    http = []
+    with httpx.Client(base_url=url, timeout=10) as client:
+        for i in range(n):
+            body = {"input": xs[i % len(xs)].tolist()}
+            t0 = time.perf_counter()
+            client.post(f"/v1/models/{model}/predict", json=body).raise_for_status()
+            http.append((time.perf_counter() - t0) * 1e3)
+    d, h = statistics.median(direct[n // 10:]), statistics.median(http[n // 10:])
+    return {"direct_p50_ms": d, "http_p50_ms": h, "added_p50_ms": h - d}
+
+
+@user_facing
+def bench(cfg: DictConfig) -> dict[str, Any]:
+    dm = instantiate(cfg.data)
+    x, y = batches_to_tensor(dm.test_dataloader())
+    x, y = x[: cfg.n_inputs], y[: cfg.n_inputs]
+    xs, ys = x.tolist(), y.tolist()
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(cfg, port)
+    result: dict[str, Any] = {"machine": machine_info("cpu"), "slo_ms": cfg.slo_ms,
+                              "max_batch_size": cfg.max_batch_size, "max_delay_ms": cfg.max_delay_ms}
+    try:
+        models = httpx.get(f"{url}/v1/models").json()["models"]
+        result["models"] = models
+        serve_cfg = OmegaConf.load(Path(cfg.paths.output_dir) / "server" / ".hydra" / "config.yaml")
+        result["overhead"] = {m: overhead(url, m, serve_cfg.models[m], x, cfg.overhead_requests)
+                              for m in cfg.models}
+        peaks = {}
+        for m in cfg.models:
+            peak, probes = find_peak(url, m, xs, ys, cfg)
+            peaks[m] = {"peak_rps": peak, "probes": probes}
+            print(f"{m}: peak {peak:.0f} req/s at {cfg.peak_attainment:.0%} attainment of {cfg.slo_ms} ms", flush=True)
+        result["peaks"] = peaks
+        main = cfg.models[0]
+        rate = cfg.poisson_fraction * peaks[main]["peak_rps"]
+        result["poisson"] = {"model": main, "rate": rate,
+                             **load(url, main, xs, ys, poisson_arrivals(rate, cfg.poisson_s, seed=99), cfg.slo_ms)}
+        bursts = {}
+        base = cfg.burst_base_fraction * peaks[main]["peak_rps"]
+        arrivals = burst_arrivals(base, cfg.burst_total_s, cfg.burst_start_s, cfg.burst_s, cfg.burst_factor, seed=7)
+        for mode in ("off", "auto"):
+            put(url, main, {"triage": {"mode": mode}})
+            time.sleep(1.0)
+            bursts[mode] = load(url, main, xs, ys, arrivals, cfg.slo_ms)
+            settings = httpx.get(f"{url}/v1/settings").json()[main]
+            bursts[mode]["final_triage_level"] = settings["triage_level"]
+        put(url, main, {"triage": {"mode": "off"}})
+        result["burst"] = {"model": main, "base_rate": base, "factor": cfg.burst_factor, "burst_s": cfg.burst_s,
+                           **bursts}
+        result["metrics_text_bytes"] = len(httpx.get(f"{url}/metrics").text)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    report(result, cfg)
+    write_json(cfg.output, result)
+    print(f"\nwrote {cfg.output}")
+    return result
+
+
+def report(r: dict[str, Any], cfg: DictConfig) -> None:
+    rows = []
+    for m, p in r["peaks"].items():
+        best = max((q for q in p["probes"] if q["rate"] == p["peak_rps"]), key=lambda q: q["rate"], default={})
+        rows.append({"model": m, "peak_rps": p["peak_rps"], "p50_ms": best.get("p50_ms"), "p99_ms": best.get("p99_ms"),
+                     "accuracy": best.get("accuracy"), **{k: v for k, v in r["overhead"].get(m, {}).items()}})
+    print("\npeak throughput at the objective, and the serving layer's overhead at low load:")
+    print(markdown_table(rows))
+    ratio = {m: r["peaks"][m]["peak_rps"] / max(r["peaks"][cfg.models[-1]]["peak_rps"], 1e-9) for m in r["peaks"]}
+    print(f"throughput relative to {cfg.models[-1]}: " + ", ".join(f"{m} {v:.2f}x" for m, v in ratio.items()))
+    r["throughput_ratio"] = ratio
+    keys = ["offered_rps", "throughput_rps", "goodput_rps", "p50_ms", "p95_ms", "p99_ms", "slo_attainment",
+            "rejected", "expired", "degraded", "accuracy"]
+    p = r["poisson"]
+    print(f"\nPoisson at {cfg.poisson_fraction:.0%} of peak ({p['rate']:.0f} req/s, {p['model']}):")
+    print(markdown_table([{k: p[k] for k in keys}]))
+    b = r["burst"]
+    print(f"\n{b['factor']}x burst for {b['burst_s']} s on {b['base_rate']:.0f} req/s ({b['model']}):")
+    print(markdown_table([{"triage": mode, **{k: b[mode][k] for k in keys}} for mode in ("off", "auto")]))
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="bench/serve_load.yaml")
+def main(cfg: DictConfig) -> None:
+    bench(cfg)
+
+
+if __name__ == "__main__":
+    run_hydra(main)

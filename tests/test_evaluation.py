@@ -68,6 +68,13 @@ def test_bucket_table_and_cost_trend():
     assert table[0]["exit_shares"] == [1.0, 0.0]
     trend = cost_trend(table, {"dyn": "cascade"})
     assert trend["dyn"]["monotone_rising"] and trend["dyn"]["hardest_over_easiest"] == 4.0
+    # An "unsolved" bucket cheaper than the hardest solvable one is reported, not part of the trend.
+    recs += [{**recs[0], "index": i, "flops": 0.0, "correct": 0} for i in (4, 5)]
+    buckets = ladder_buckets([np.array([1, 1, 0, 0, 0, 0]), np.array([1, 1, 1, 0, 0, 0])], ["a", "b"])
+    table = bucket_table(recs, buckets)
+    assert not cost_trend(table, {"dyn": "cascade"})["dyn"]["monotone_rising"]
+    aside = cost_trend(table, {"dyn": "cascade"}, ["2:unsolved"])["dyn"]
+    assert aside["monotone_rising"] and aside["set_aside"]["2:unsolved"]["count"] == 3
 
 
 def test_digits_evaluation_end_to_end(digits_runs, tmp_path):

@@ -59,16 +59,24 @@ def bucket_table(records: Sequence[dict[str, Any]], buckets: Buckets,
     return rows
 
 
-def cost_trend(table: Sequence[dict[str, Any]], kinds: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """Per dynamic method: mean GFLOPs per bucket, easy to hard, and whether it never falls."""
+def cost_trend(table: Sequence[dict[str, Any]], kinds: dict[str, str],
+               set_aside: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+    """Per dynamic method: mean GFLOPs per bucket, easy to hard, and whether it never falls.
+
+    Buckets named in ``set_aside`` (the ladder's "unsolved": no model is right, so no amount of
+    computation is the right amount) are reported but not part of the trend.
+    """
     out = {}
     for m, kind in kinds.items():
         if kind in ("static",):
             continue
-        costs = [r["gflops_mean"] for r in table if r["method"] == m]
+        rows = [r for r in table if r["method"] == m]
+        costs = [r["gflops_mean"] for r in rows if r["bucket"] not in set_aside]
         rising = all(b >= a - 1e-15 for a, b in zip(costs, costs[1:]))
         out[m] = {"kind": kind, "gflops_by_bucket": costs, "monotone_rising": rising,
-                  "hardest_over_easiest": costs[-1] / costs[0] if costs and costs[0] > 0 else math.nan}
+                  "hardest_over_easiest": costs[-1] / costs[0] if costs and costs[0] > 0 else math.nan,
+                  "set_aside": {r["bucket"]: {"gflops_mean": r["gflops_mean"], "count": r["count"]}
+                                for r in rows if r["bucket"] in set_aside}}
     return out
 
 

@@ -84,7 +84,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     buckets = make_buckets(ev.difficulty, res, len(x))
     table = bucket_table(res.records, buckets, {m.name: m.num_stages for m in methods if hasattr(m, "num_stages")})
     kinds = {m.name: m.kind for m in methods}
-    trend = cost_trend(table, kinds)
+    trend = cost_trend(table, kinds, [lab for lab in buckets.labels if lab.endswith(":unsolved")])
     pareto = pareto_table(res.points, ev.get("reference"))
 
     for r in res.records:
@@ -97,7 +97,10 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     statements = [
         f"{m}: mean GFLOPs per image {'rises' if t['monotone_rising'] else 'does NOT rise'} monotonically from the "
         f"easiest to the hardest bucket ({' -> '.join(f'{c:.4g}' for c in t['gflops_by_bucket'])}; hardest/easiest "
-        f"{t['hardest_over_easiest']:.2f}x)" for m, t in trend.items()]
+        f"{t['hardest_over_easiest']:.2f}x)"
+        + "".join(f"; set aside, {b} ({v['count']} inputs no model gets right): {v['gflops_mean']:.4g}"
+                  for b, v in t["set_aside"].items())
+        for m, t in trend.items()]
     md = "\n".join([
         f"# Evaluation: {cfg.get('run_name')}", "",
         f"Test inputs: {len(x)}. Difficulty: {buckets.definition}. Device: {device}. Batch size {ev.batch_size}.", "",

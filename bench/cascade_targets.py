@@ -26,6 +26,9 @@ from experiments.utils import run_hydra, user_facing
 from gating.errors import UserError
 
 
+DECIDERS = ("max_prob", "entropy", "learned", "agreement")  # run names end with the decider (configs/decider)
+
+
 def newest_record(runs_dir: Path, name: str) -> dict[str, Any] | None:
     folder = runs_dir / name
     runs = sorted(r for r in folder.glob("*/metrics.json")) if folder.is_dir() else []
@@ -40,6 +43,7 @@ def row(name: str, rec: dict[str, Any], targets: DictConfig) -> dict[str, Any]:
     time_ok = err is not None and abs(err) <= targets.max_wall_time_error_pct
     return {
         "run": name,
+        "decider": next((d for d in DECIDERS if name.endswith("_" + d)), ""),
         "stages": len(rec["stages"]),
         "test_acc": m["test/acc"],
         "ref_acc": m["reference/test_acc"],
@@ -74,7 +78,11 @@ def check(cfg: DictConfig) -> dict[str, Any]:
     passing_two = [r for r in rows["two_stage"] if r["acc_ok"]]
     best_two = min(passing_two, key=lambda r: r["gflops_per_img"]) if passing_two else None
     for r in rows["multi_stage"]:
+        same = [t for t in passing_two if t["decider"] == r["decider"]]
+        best_same = min(same, key=lambda t: t["gflops_per_img"]) if same else None
         r["beats_best_two_stage"] = bool(best_two and r["acc_ok"] and r["gflops_per_img"] < best_two["gflops_per_img"])
+        r["beats_best_two_stage_same_decider"] = bool(best_same and r["acc_ok"]
+                                                      and r["gflops_per_img"] < best_same["gflops_per_img"])
     all_rows = rows["two_stage"] + rows["multi_stage"] + rows["others"]
     cols = ["run", "stages", "test_acc", "ref_acc", "delta_pts", "gflops_per_img", "flops_cut_pct", "exit_shares",
             "measured_ms", "predicted_ms", "time_err_pct", "speedup_vs_ref", "acc_ok", "cut_ok", "time_ok"]
@@ -82,8 +90,10 @@ def check(cfg: DictConfig) -> dict[str, Any]:
     if best_two:
         print(f"\nbest two-stage cascade keeping accuracy: {best_two['run']} ({best_two['gflops_per_img']:.5f} GFLOPs/img)")
     for r in rows["multi_stage"]:
-        print(f"{r['run']}: {'beats' if r['beats_best_two_stage'] else 'does not beat'} it "
-              f"({r['gflops_per_img']:.5f} GFLOPs/img, {r['delta_pts']:+.2f} pts)")
+        print(f"{r['run']} ({r['gflops_per_img']:.5f} GFLOPs/img, {r['delta_pts']:+.2f} pts): "
+              f"{'beats' if r['beats_best_two_stage'] else 'does not beat'} it; "
+              f"{'beats' if r['beats_best_two_stage_same_decider'] else 'does not beat'} the best two-stage "
+              f"cascade with its own decider ({r['decider']})")
     result = {"targets": dict(cfg.targets), "rows": all_rows, "best_two_stage": best_two and best_two["run"]}
     write_json(cfg.output, result)
     print(f"\nwrote {cfg.output}")

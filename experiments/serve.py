@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import hydra
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -27,7 +28,7 @@ from cascades.calibrate import batches_to_tensor
 from experiments.evaluation.methods import cascade_from_run, find_run, skipnet_from_run, static_from_run
 from experiments.report import pick_device
 from experiments.utils import extras, run_hydra, user_facing
-from serve.engine import BatchingConfig, EngineMetrics, ServingEngine, TriageConfig
+from serve.engine import BatchingConfig, DeviceWorker, EngineMetrics, ServingEngine, TriageConfig
 from serve.servable import (CascadeServable, Servable, SkipNetServable, StaticServable, TriageLevel,
                             measure_levels)
 
@@ -68,26 +69,30 @@ def static_servable(name: str, run: str) -> StaticServable:
 
 
 def build_engines(cfg: DictConfig) -> dict[str, ServingEngine]:
-    """Servables from the config, moved to the device, triage levels measured on val; one engine each."""
+    """Servables from the config on the device, triage levels measured on val; one engine each.
+
+    Every tensor computation, loading included, runs on the one device thread the engines share.
+    """
     device = pick_device(cfg.get("device", "auto"))
-    servables: list[Servable] = [instantiate(node, name=name) for name, node in cfg.models.items() if node]
-    val = None
-    if cfg.measure_levels:
-        dm = instantiate(cfg.data)
-        val = batches_to_tensor(dm.val_dataloader())
+    worker = DeviceWorker(str(device))
+
+    def build() -> list[Servable]:
+        servables: list[Servable] = [instantiate(node, name=name) for name, node in cfg.models.items() if node]
+        val = batches_to_tensor(instantiate(cfg.data).val_dataloader()) if cfg.measure_levels else None
+        for s in servables:
+            for v in vars(s).values():
+                if isinstance(v, torch.nn.Module):
+                    v.to(device).eval()
+            if val is not None:
+                for lv in measure_levels(s, *val):
+                    log.info("%s triage level %d: val acc %.4f, %.5f GFLOPs/img", s.name, lv.level, lv.val_acc,
+                             lv.val_gflops_per_img)
+        return servables
+
     metrics = EngineMetrics.create()
-    engines = {}
-    for s in servables:
-        for v in vars(s).values():
-            if hasattr(v, "to") and hasattr(v, "parameters"):
-                v.to(device).eval()
-        if val is not None:
-            for lv in measure_levels(s, *val):
-                log.info("%s triage level %d: val acc %.4f, %.5f GFLOPs/img", s.name, lv.level, lv.val_acc,
-                         lv.val_gflops_per_img)
-        engines[s.name] = ServingEngine(s, BatchingConfig(**cfg.batching), TriageConfig(**cfg.triage), device,
-                                        metrics)
-    return engines
+    return {s.name: ServingEngine(s, BatchingConfig(**cfg.batching), TriageConfig(**cfg.triage), device, metrics,
+                                  worker)
+            for s in worker.run(build)}
 
 
 @user_facing

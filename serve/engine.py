@@ -38,7 +38,8 @@ from serve.servable import Servable
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Answer", "BatchingConfig", "EngineClosed", "EngineMetrics", "QueueFull", "ServingEngine", "TriageConfig"]
+__all__ = ["Answer", "BatchingConfig", "DeviceWorker", "EngineClosed", "EngineMetrics", "QueueFull", "ServingEngine",
+           "TriageConfig"]
 
 MS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
@@ -53,6 +54,30 @@ class QueueFull(Exception):
 
 class EngineClosed(Exception):
     """The engine is shutting down and accepts no new work (HTTP 503)."""
+
+
+class DeviceWorker:
+    """The one thread that runs every tensor computation for a device: model loading, warm-up and batches.
+
+    All engines serving on one device share it, so batches of different models never compete for the
+    cores. Keeping tensor work off the event loop's thread matters on CPUs too: once two threads
+    have each run multi-threaded (OpenMP) ops, their thread pools contend. On 2 cores a batch-1
+    ResNet-38 then took 11 ms instead of 2.6 ms.
+    """
+
+    def __init__(self, name: str = "device") -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"serve-{name}")
+
+    def run(self, fn, *args):
+        """Run ``fn(*args)`` on the device thread and wait for it (for setup, outside the event loop)."""
+        return self._pool.submit(fn, *args).result()
+
+    async def call(self, fn, *args):
+        """Await ``fn(*args)`` run on the device thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 @dataclass
@@ -167,7 +192,7 @@ class ServingEngine:
 
     def __init__(self, servable: Servable, batching: BatchingConfig | None = None,
                  triage: TriageConfig | None = None, device: torch.device | str = "cpu",
-                 metrics: EngineMetrics | None = None) -> None:
+                 metrics: EngineMetrics | None = None, worker: DeviceWorker | None = None) -> None:
         self.servable = servable
         self.batching = batching or BatchingConfig()
         self.triage = triage or TriageConfig()
@@ -178,7 +203,8 @@ class ServingEngine:
         self._seq = itertools.count()
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"serve-{servable.name}")
+        self._owns_worker = worker is None
+        self.worker = worker or DeviceWorker(servable.name)
         self._closing = False
         self._running_batch = False
         self._batch_limit = [self.batching.max_batch_size] * servable.num_stages
@@ -211,7 +237,8 @@ class ServingEngine:
                 self._answer_expired(row)
             q.clear()
         self._queued = 0
-        self._executor.shutdown(wait=True)
+        if self._owns_worker:
+            self.worker.shutdown()
 
     @property
     def ready(self) -> bool:
@@ -348,12 +375,10 @@ class ServingEngine:
         for r in rows:
             r.queue_s += start - r.enqueued
             self.metrics.queue_wait.labels(name, str(stage)).observe(start - r.enqueued)
-        x = torch.stack([r.x for r in rows])
-        res = await loop.run_in_executor(self._executor, self._execute, stage, x, level)
+        res, conf, label = await self.worker.call(self._execute, stage, [r.x for r in rows], level)
         batch_s = time.monotonic() - start
         self._after_batch(stage, len(rows), batch_s)
-        probs = res.logits.float().softmax(-1).cpu()
-        conf, label = probs.max(-1)
+        conf, label = conf.tolist(), label.tolist()
         done = res.done.tolist()
         now = time.monotonic()
         for i, r in enumerate(rows):
@@ -363,7 +388,7 @@ class ServingEngine:
                 continue
             if done[i]:
                 self._answer(r, Answer(
-                    "ok", int(label[i]), float(conf[i]), stage,
+                    "ok", label[i], conf[i], stage,
                     float(res.blocks[i]) if res.blocks is not None else None, r.flops, r.degraded,
                     (now - r.arrival) * 1e3, r.queue_s * 1e3), stage)
             else:
@@ -371,15 +396,18 @@ class ServingEngine:
                 self._push(stage + 1, r)
         self._update_triage(now)
 
-    def _execute(self, stage: int, x: torch.Tensor, level: int):
+    def _execute(self, stage: int, rows: list[torch.Tensor], level: int):
+        """On the device thread: batch the rows, run the stage, and reduce the answers."""
         with torch.inference_mode():
-            res = self.servable.stage(stage, x.to(self.device, non_blocking=True), level)
+            x = torch.stack(rows).to(self.device, non_blocking=True)
+            res = self.servable.stage(stage, x, level)
+            conf, label = res.logits.float().softmax(-1).max(-1)
             if res.next_x is not None:
                 res.next_x = res.next_x.cpu()
-            res.done = res.done.cpu()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-        return res
+            res.done, res.flops = res.done.cpu(), res.flops.cpu()
+            if res.blocks is not None:
+                res.blocks = res.blocks.cpu()
+            return res, conf.cpu(), label.cpu()
 
     def _answer(self, row: _Row, answer: Answer, stage: int) -> None:
         if row.timer:

@@ -1,6 +1,7 @@
 """The HTTP endpoint (FastAPI): predict, models, health, readiness, Prometheus metrics, run-time settings.
 
     POST /v1/models/{name}/predict   {"inputs": [[...], ...]} or {"input": [...]} or {"images": ["<base64 PNG/JPEG>"]}
+                                     or {"tensor_b64": "<base64 float32 bytes, [n, *input_shape]>"}
                                      optional "deadline_ms", "priority"; answers one result per input
     GET  /v1/models                  the models, their input shape and published triage levels
     GET  /v1/settings                batching and triage knobs of every model
@@ -37,6 +38,8 @@ class PredictRequest(BaseModel):
     """One input (``input``), several (``inputs``), or base64 images (``images``); one of them."""
 
     input: list[Any] | None = Field(None, description="one input, nested lists of numbers in the model's input shape")
+    tensor_b64: str | None = Field(None, description="inputs as raw little-endian float32 bytes, base64-encoded, "
+                                                     "shaped [n, *input_shape] (the fast path: no number parsing)")
     inputs: list[Any] | None = Field(None, description="a batch of inputs")
     images: list[str] | None = Field(None, description="base64-encoded PNG or JPEG images")
     deadline_ms: float | None = Field(None, gt=0, description="answer within this many ms (default: the SLO)")
@@ -50,10 +53,20 @@ class SettingsUpdate(BaseModel):
 
 
 def _to_tensor(req: PredictRequest, shape: tuple[int, ...], max_inputs: int) -> torch.Tensor:
-    given = [k for k in ("input", "inputs", "images") if getattr(req, k) is not None]
+    given = [k for k in ("input", "inputs", "images", "tensor_b64") if getattr(req, k) is not None]
     if len(given) != 1:
-        raise HTTPException(422, f"give exactly one of input, inputs, images (got {given or 'none'})")
-    if req.images is not None:
+        raise HTTPException(422, f"give exactly one of input, inputs, images, tensor_b64 (got {given or 'none'})")
+    if req.tensor_b64 is not None:
+        try:
+            raw = base64.b64decode(req.tensor_b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise HTTPException(422, "tensor_b64 is not valid base64") from None
+        per_input = 4 * math.prod(shape)
+        if len(raw) % per_input:
+            raise HTTPException(422, f"tensor_b64 holds {len(raw)} bytes, not a whole number of float32 inputs of "
+                                     f"shape {list(shape)} ({per_input} bytes each)")
+        x = torch.frombuffer(bytearray(raw), dtype=torch.float32).view(-1, *shape)
+    elif req.images is not None:
         x = torch.stack([_decode_image(s, shape) for s in req.images]) if req.images else torch.empty(0, *shape)
     else:
         data = [req.input] if req.input is not None else req.inputs

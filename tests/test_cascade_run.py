@@ -42,7 +42,8 @@ def test_cascade_experiment_runs(experiment, tmp_path, skip_integrity_checks):
     assert m["test/acc_ci_low"] <= m["test/acc"] <= m["test/acc_ci_high"]
     assert 0 < m["test/gflops_per_img"] <= sum(s["gflops_per_img"] for s in record["stages"]) + 1e-12
     assert len(record["operating_point"]["val"]["thresholds"]) == k - 1
-    assert record["latency"]["measured_ms"] > 0 and record["latency"]["batch_size"] == 16
+    assert record["latency"]["measured_ms"] > 0
+    assert record["latency"]["batch_size"] == min(16, record["operating_point"]["test"]["n"])
     for name in ("metrics.json", "config.yaml", "frontier.csv", "stages.csv", "predictions.csv"):
         assert (tmp_path / name).is_file(), name
     with (tmp_path / "predictions.csv").open() as f:

@@ -45,9 +45,13 @@ def _fake_data_for(cfg, tmp_path: Path) -> None:
             cfg.data.val_size = 2
         cfg.data.batch_size = 4
         cfg.data.eval_batch_size = 4
-        if "cascade" in cfg:  # random stages instead of trained runs
-            for stage in cfg.cascade.stages.values():
-                stage.checkpoint = None
+        if "cascade" in cfg:  # random stages instead of trained runs (ensemble members included)
+            stages = list(cfg.cascade.stages.values())
+            while stages:
+                stage = stages.pop()
+                if "checkpoint" in stage:
+                    stage.checkpoint = None
+                stages.extend((stage.get("members") or {}).values())
             cfg.cascade.checkpoint = None
         if "model" in cfg and "skipnet" in cfg.model.get("name", ""):  # start from scratch instead of a previous stage's run
             cfg.model.net.pretrained = None

@@ -228,6 +228,12 @@ def test_http_contract_and_bad_inputs():
         assert one.status_code == 200 and len(one.json()["outputs"]) == 1
         img = client.post("/v1/models/cascade/predict", json={"images": [_png(), _png(20)]})
         assert img.status_code == 200 and len(img.json()["outputs"]) == 2
+        x = torch.randn(4, 1, 8, 8)
+        raw = base64.b64encode(x.numpy().astype("<f4").tobytes()).decode()
+        fast = client.post("/v1/models/cascade/predict", json={"tensor_b64": raw})
+        slow = client.post("/v1/models/cascade/predict", json={"inputs": x.tolist()})
+        assert [a["label"] for a in fast.json()["outputs"]] == [a["label"] for a in slow.json()["outputs"]]
+        assert client.post("/v1/models/cascade/predict", json={"tensor_b64": raw[:-8]}).status_code == 422
 
         def post(body=None, content=None, model="cascade"):
             return client.post(f"/v1/models/{model}/predict", json=body, content=content,

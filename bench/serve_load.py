@@ -48,7 +48,7 @@ def start_server(cfg: DictConfig, port: int) -> subprocess.Popen:
            f"batching.slo_ms={cfg.slo_ms}", f"batching.max_batch_size={cfg.max_batch_size}",
            f"batching.max_delay_ms={cfg.max_delay_ms}", f"paths.log_dir={cfg.paths.log_dir}",
            f"hydra.run.dir={cfg.paths.output_dir}/server", *cfg.serve_overrides]
-    log = open(Path(cfg.paths.output_dir) / "server.log", "w")
+    log = open(Path(cfg.paths.output_dir) / "server.log", "w")  # noqa: SIM115  (open while the server runs)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cfg.paths.root_dir)
     t_end = time.monotonic() + cfg.startup_timeout_s
     while time.monotonic() < t_end:

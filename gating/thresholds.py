@@ -179,7 +179,6 @@ class ThresholdSearch:
         return thresholds
 
     def _nested_three(self, confs: list[np.ndarray], correct: np.ndarray, need: int) -> list[float]:
-        n = correct.shape[1]
         order = np.argsort(confs[0], kind="stable")
         s0 = confs[0][order]
         # j samples deferred at stage 0 (the j least confident); only where the confidence changes.

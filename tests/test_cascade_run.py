@@ -4,7 +4,6 @@ files (random stages), writing its records; mistakes are one clear line."""
 from __future__ import annotations
 
 import csv
-import json
 import subprocess
 import sys
 

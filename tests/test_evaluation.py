@@ -10,7 +10,7 @@ import torch
 from omegaconf import open_dict
 
 from experiments.evaluation.difficulty import confidence_buckets, ladder_buckets, score_buckets
-from experiments.evaluation.methods import CascadeMethod, RandomSkipMethod, SkipNetMethod, StaticMethod
+from experiments.evaluation.methods import RandomSkipMethod, SkipNetMethod, StaticMethod
 from experiments.evaluation.report import bucket_table, cost_trend
 from experiments.evaluation.run import compare
 from gating import UserError, create_model

@@ -52,7 +52,7 @@ def _batch_ms_per_input(method: Method, x: torch.Tensor, batch_size: int, device
     per_batch = []
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size]
-        stats = measure_latency(lambda: method.run(xb, **point), device, warmup=1, repeats=repeats,
+        stats = measure_latency(lambda xb=xb: method.run(xb, **point), device, warmup=1, repeats=repeats,
                                 max_seconds=max_seconds, min_repeats=1)
         per_batch.append(stats.median_ms)
     return sum(per_batch) / len(x), per_batch
@@ -66,7 +66,7 @@ def _batch1_ms(method: Method, x: torch.Tensor, n: int, device: torch.device, wa
             method.run(x[i:i + 1], **point)
     for i in range(min(n, len(x))):
         xi = x[i:i + 1]
-        out[i] = measure_latency(lambda: method.run(xi, **point), device, warmup=0, repeats=repeats).median_ms
+        out[i] = measure_latency(lambda xi=xi: method.run(xi, **point), device, warmup=0, repeats=repeats).median_ms
     return out
 
 

@@ -107,7 +107,8 @@ def serve(cfg: DictConfig) -> None:
                      {n: (list(norm.mean), list(norm.std)) for n in engines} if norm else None)
     log.info("serving %s on http://%s:%d (docs at /docs)", sorted(engines), cfg.host, cfg.port)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.get("log_level", "warning"),
-                timeout_graceful_shutdown=cfg.get("graceful_shutdown_s", 30))
+                timeout_graceful_shutdown=cfg.get("graceful_shutdown_s", 30),
+                limit_concurrency=cfg.get("limit_concurrency"))
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="serve.yaml")

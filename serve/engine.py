@@ -95,13 +95,15 @@ class BatchingConfig:
 @dataclass
 class TriageConfig:
     """Triage knobs: ``mode`` off | on | auto; ``level`` used by ``on``; auto thresholds on the oldest
-    queued row's wait as a fraction of ``slo_ms``."""
+    queued row's wait as a fraction of ``slo_ms``, one level up at most every ``step_s``, one level down
+    after ``hold_s`` of calm."""
 
     mode: str = "off"
     level: int = 1
     enter_wait_fraction: float = 0.3
     exit_wait_fraction: float = 0.1
     hold_s: float = 1.0
+    step_s: float = 0.0               # auto: at least this long between two raises (0: at every batch)
 
 
 @dataclass
@@ -464,7 +466,8 @@ class ServingEngine:
         top = len(self.servable.levels) - 1
         if wait_ms > self.triage.enter_wait_fraction * slo:
             self._calm_since = None
-            if self._level < top:
+            last_change = self.level_changes[-1][0] if self.level_changes else -math.inf
+            if self._level < top and now - last_change >= self.triage.step_s:
                 self._set_level(self._level + 1)
         elif wait_ms < self.triage.exit_wait_fraction * slo:
             if self._calm_since is None:

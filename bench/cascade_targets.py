@@ -23,16 +23,15 @@ from omegaconf import DictConfig
 import experiments  # noqa: F401
 from experiments.report import markdown_table, write_json
 from experiments.utils import run_hydra, user_facing
+from gating.backbones.weights import newest_run
 from gating.errors import UserError
-
 
 DECIDERS = ("max_prob", "entropy", "learned", "agreement")  # run names end with the decider (configs/decider)
 
 
 def newest_record(runs_dir: Path, name: str) -> dict[str, Any] | None:
-    folder = runs_dir / name
-    runs = sorted(r for r in folder.glob("*/metrics.json")) if folder.is_dir() else []
-    return json.loads(runs[-1].read_text()) if runs else None
+    run = newest_run(runs_dir / name)
+    return json.loads((run / "metrics.json").read_text()) if run else None
 
 
 def row(name: str, rec: dict[str, Any], targets: DictConfig) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import experiments  # noqa: F401
-from cascades.calibrate import batches_to_tensor
+from experiments.data import batches_to_tensor
 from experiments.report import machine_info, markdown_table, write_json
 from experiments.utils import run_hydra, user_facing
 from gating.errors import UserError
@@ -116,11 +116,7 @@ def overhead(url: str, model: str, servable_cfg: DictConfig, xs: torch.Tensor, n
         for i in range(n):
             x = xs[i % len(xs)][None]
             t0 = time.perf_counter()
-            for k in range(servable.num_stages):
-                res = servable.stage(k, x, 0)
-                if bool(res.done[0]):
-                    break
-                x = res.next_x
+            servable.run(x)
             direct.append((time.perf_counter() - t0) * 1e3)
     http, engine = [], []
     with httpx.Client(base_url=url, timeout=10) as client:

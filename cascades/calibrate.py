@@ -22,7 +22,7 @@ from gating.cost import StageCosts
 from gating.stats import mean_interval, wilson_interval
 from gating.thresholds import OperatingPoint, ThresholdSearch, exit_stages
 
-__all__ = ["CascadeRecords", "collect", "fit_temperatures", "verify", "batches_to_tensor"]
+__all__ = ["CascadeRecords", "collect", "fit_temperatures", "point_summary", "verify"]
 
 
 @dataclass
@@ -124,19 +124,6 @@ def verify(records: CascadeRecords, thresholds: Sequence[float], costs: StageCos
         "exit": list(op.exit),
         "confidence_level": level,
     }
-
-
-def batches_to_tensor(batches: Iterable[Any], limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate ``(x, y)`` batches into one batch (up to ``limit`` samples)."""
-    xs, ys, n = [], [], 0
-    for x, y in batches:
-        xs.append(x)
-        ys.append(y)
-        n += len(x)
-        if limit is not None and n >= limit:
-            break
-    x, y = torch.cat(xs), torch.cat(ys)
-    return (x[:limit], y[:limit]) if limit is not None else (x, y)
 
 
 def point_summary(op: OperatingPoint, names: Sequence[str]) -> dict[str, Any]:

@@ -15,7 +15,6 @@ The run folder gets ``metrics.json``, ``config.yaml``, ``frontier.csv``, ``stage
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 from typing import Any
@@ -28,9 +27,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import experiments  # noqa: F401  (sets PROJECT_ROOT)
-from cascades.calibrate import batches_to_tensor, collect, fit_temperatures, point_summary, verify
+from cascades.calibrate import collect, fit_temperatures, point_summary, verify
 from cascades.model import IDKCascade
-from experiments.report import machine_info, markdown_table, pick_device
+from experiments.data import batches_to_tensor
+from experiments.report import machine_info, markdown_table, pick_device, write_csv
 from experiments.utils import Stopwatch, extras, output_dir, run_hydra, user_facing, write_run_record
 from gating.cost import StageCosts, measure_interleaved
 from gating.thresholds import ThresholdSearch, accuracy_floor, exit_stages
@@ -217,16 +217,6 @@ def write_predictions(path: Path, records: Any, exits: np.ndarray, costs: StageC
              "correct": int(chosen[i].argmax() == records.labels[i]), "exit_stage": int(exits[i]),
              "confidence": float(probs[i].max()), "flops": float(flops[i])} for i in range(n)]
     write_csv(path, rows)
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        w.writeheader()
-        w.writerows(rows)
 
 
 def print_summary(record: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 import experiments  # noqa: F401  (sets PROJECT_ROOT)
 from experiments.utils import output_dir, run_hydra, user_facing
+from gating.backbones.weights import newest_run
 from gating.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -29,8 +30,7 @@ TASKS = {"train", "cascade", "eval"}
 
 
 def finished(log_dir: Path, task: str, run: str) -> bool:
-    folder = log_dir / task / "runs" / run
-    return folder.is_dir() and any((r / "metrics.json").is_file() for r in folder.iterdir() if r.is_dir())
+    return newest_run(log_dir / task / "runs" / run) is not None
 
 
 @user_facing

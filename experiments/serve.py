@@ -24,13 +24,13 @@ from omegaconf import DictConfig, OmegaConf
 
 import experiments  # noqa: F401  (sets PROJECT_ROOT)
 import skipnet  # noqa: F401  (registers the SkipNet models)
-from cascades.calibrate import batches_to_tensor
-from experiments.evaluation.methods import cascade_from_run, find_run, skipnet_from_run, static_from_run
+from experiments.data import batches_to_tensor
+from experiments.evaluation.methods import cascade_from_run, skipnet_from_run, static_from_run
 from experiments.report import pick_device
 from experiments.utils import extras, run_hydra, user_facing
+from gating.backbones.weights import find_run
 from serve.engine import BatchingConfig, DeviceWorker, EngineMetrics, ServingEngine, TriageConfig
-from serve.servable import (CascadeServable, Servable, SkipNetServable, StaticServable, TriageLevel,
-                            measure_levels)
+from serve.servable import CascadeServable, Servable, SkipNetServable, StaticServable, TriageLevel, measure_levels
 
 log = logging.getLogger(__name__)
 

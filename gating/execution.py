@@ -15,7 +15,7 @@ the full batch and so save no time.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -70,23 +70,32 @@ def blend(y_on: torch.Tensor, y_off: torch.Tensor, gate: torch.Tensor) -> torch.
     return g * y_on + (1.0 - g) * y_off
 
 
-StageFn = Callable[[torch.Tensor], "tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]"]
+State = "torch.Tensor | tuple[torch.Tensor, ...]"
+StageFn = Callable[[Any], "tuple[tuple[torch.Tensor, ...], torch.Tensor, Any]"]
 
 
-def run_exits(stages: "list[StageFn]", x: torch.Tensor) -> "tuple[tuple[torch.Tensor, ...], torch.Tensor]":
+def _rows(state: Any, idx: torch.Tensor) -> Any:
+    if isinstance(state, tuple):
+        return tuple(t.index_select(0, idx.to(t.device)) for t in state)
+    return state.index_select(0, idx.to(state.device))
+
+
+def run_exits(stages: "list[StageFn]", x: State) -> "tuple[tuple[torch.Tensor, ...], torch.Tensor]":
     """Early-exit execution with compaction: each stage runs only on the rows still in flight.
 
     Each ``stage(rows)`` returns ``(outputs, done, next_rows)``: a tuple of per-row outputs, a ``[b]``
     bool that says which rows exit here, and what the rows still in flight pass on (a cascade passes
-    its input on unchanged; an early-exit network its features). The last stage answers every row it
-    gets. Returns the outputs gathered back in the original row order and, per row, the index of the
-    stage it exited at.
+    its input on unchanged; an early-exit network its features). ``x`` and what stages pass on may be
+    one tensor or a tuple of tensors with the same rows (an input and the cost spent on it so far, say).
+    The last stage answers every row it gets. Returns the outputs gathered back in the original row
+    order and, per row, the index of the stage it exited at.
 
     The rows that go on are gathered once per stage into a dense sub-batch, so the later, costlier
     stages run on fewer rows and the saved computation is saved time (batch 1 takes the plain path).
     """
-    n_rows, last = x.shape[0], len(stages) - 1
-    exit_stage = torch.full((n_rows,), last, dtype=torch.long, device=x.device)
+    first = x[0] if isinstance(x, tuple) else x
+    n_rows, last = first.shape[0], len(stages) - 1
+    exit_stage = torch.full((n_rows,), last, dtype=torch.long, device=first.device)
     if n_rows == 1:
         for k, stage in enumerate(stages):
             outputs, done, x = stage(x)
@@ -97,6 +106,7 @@ def run_exits(stages: "list[StageFn]", x: torch.Tensor) -> "tuple[tuple[torch.Te
     final: list[torch.Tensor] = []
     for k, stage in enumerate(stages):
         outputs, done, nxt = stage(x)
+        done = done.to(exit_stage.device)
         if not final:
             final = [o.new_empty((n_rows, *o.shape[1:])) for o in outputs]
         if k == last:
@@ -106,11 +116,11 @@ def run_exits(stages: "list[StageFn]", x: torch.Tensor) -> "tuple[tuple[torch.Te
         here = done.nonzero().squeeze(1)
         target = here if rows is None else rows[here]
         for out, o in zip(final, outputs):
-            out.index_copy_(0, target, o.index_select(0, here))
+            out.index_copy_(0, target.to(out.device), o.index_select(0, here.to(o.device)))
         exit_stage.index_fill_(0, target, k)
         stay = (~done).nonzero().squeeze(1)
         if stay.numel() == 0:
             break
         rows = stay if rows is None else rows[stay]
-        x = nxt.index_select(0, stay)
+        x = _rows(nxt, stay)
     return tuple(final), exit_stage

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from cascades.model import IDKCascade
 from gating.cost import count_flops
+from gating.execution import run_exits
 
 __all__ = ["CascadeServable", "Servable", "SkipNetServable", "StageResult", "StaticServable", "TriageLevel",
            "measure_levels"]
@@ -66,6 +67,22 @@ class Servable:
 
     def stage(self, k: int, x: torch.Tensor, level: int = 0) -> StageResult:
         raise NotImplementedError
+
+    @torch.no_grad()
+    def run(self, x: torch.Tensor, level: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All stages on one batch with compaction (offline: pricing levels, direct-call baselines):
+        ``(logits [n, C], flops [n], exit_stage [n])``."""
+        def stage_fn(k: int):
+            def run(state: tuple[torch.Tensor, torch.Tensor]):
+                rows, spent = state
+                res = self.stage(k, rows, level)
+                spent = spent + res.flops.to(spent.device)
+                return (res.logits, spent), res.done, (res.next_x if res.next_x is not None else rows, spent)
+            return run
+
+        spent = torch.zeros(len(x), dtype=torch.float64, device=x.device)
+        (logits, flops), exit_stage = run_exits([stage_fn(k) for k in range(self.num_stages)], (x, spent))
+        return logits, flops, exit_stage
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready description (infinite thresholds as the strings "inf"/"-inf")."""
@@ -163,19 +180,8 @@ def measure_levels(servable: Servable, x: torch.Tensor, y: torch.Tensor, batch_s
     for lv in servable.levels:
         correct, flops = 0, 0.0
         for i in range(0, len(x), batch_size):
-            rows, labels = x[i:i + batch_size].to(device), y[i:i + batch_size]
-            spent = torch.zeros(len(rows), dtype=torch.float64)
-            idx = torch.arange(len(rows))
-            pred = torch.empty(len(rows), dtype=torch.long)
-            for k in range(servable.num_stages):
-                res = servable.stage(k, rows, lv.level)
-                spent[idx] += res.flops.cpu()
-                done = res.done.cpu()
-                pred[idx[done]] = res.logits.argmax(-1).cpu()[done]
-                idx, rows = idx[~done], (res.next_x if res.next_x is not None else rows)[~done.to(rows.device)]
-                if len(idx) == 0:
-                    break
-            correct += int((pred == labels).sum())
+            logits, spent, _ = servable.run(x[i:i + batch_size].to(device), lv.level)
+            correct += int((logits.argmax(-1).cpu() == y[i:i + batch_size]).sum())
             flops += float(spent.sum())
         measured.append(TriageLevel(lv.level, lv.settings, correct / len(x), flops / len(x) / 1e9))
     # A triage level must be cheaper than the one below it: keep level 0, then each strictly cheaper one.

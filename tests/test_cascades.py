@@ -85,6 +85,17 @@ def test_run_exits_compacts_and_restores_order():
     assert exits.tolist() == [1, 0, 2, 2, 0, 1, 2, 1]
     assert torch.equal(out[:, 0], torch.arange(8.0) * 10 + exits)
     assert torch.equal(tag, torch.arange(8.0) + 100 * exits)
+    # A tuple state travels with its rows: here the input and a per-row counter of stages run.
+    def counting(k: int, exit_at: set):
+        def run(state):
+            rows, count = state
+            done = torch.tensor([int(r) in exit_at for r in rows[:, 0]])
+            return (count + 1,), done, (rows, count + 1)
+        return run
+
+    (count,), exits2 = run_exits([counting(0, {1, 4}), counting(1, {0, 7, 5}), counting(2, set())],
+                                 (x, torch.zeros(8)))
+    assert torch.equal(count, (exits2 + 1).float())
     # Batch 1 takes the plain path and stops at the first exit.
     seen.clear()
     (out1, _), e1 = run_exits([stage(0, {3}), stage(1, set())], torch.tensor([[3.0]]))

@@ -43,14 +43,17 @@ def _random_problem(rng: np.random.Generator, n: int, k: int, distinct: int):
     return confs, correct, costs.tolist()
 
 
+def _fit_and_brute_force(seed: int, n: int, k: int, distinct: int, floor: float):
+    confs, correct, costs = _random_problem(np.random.default_rng(seed), n, k, distinct)
+    search = ThresholdSearch(costs)
+    return search, confs, correct, search.fit(confs, correct, floor), _brute_force(search, confs, correct, floor)
+
+
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 40), distinct=st.integers(1, 12),
        floor=st.floats(0.0, 1.0))
 def test_two_stage_search_matches_brute_force(seed, n, distinct, floor):
-    confs, correct, costs = _random_problem(np.random.default_rng(seed), n, 2, distinct)
-    search = ThresholdSearch(costs)
-    got = search.fit(confs, correct, floor)
-    want = _brute_force(search, confs, correct, floor)
+    search, confs, correct, got, want = _fit_and_brute_force(seed, n, 2, distinct, floor)
     if want is None:  # nothing reaches the floor: the search says so and returns its most accurate point
         assert not got.feasible
         best_acc = max(search.evaluate(confs, correct, [t]).accuracy for t in _candidates(confs[0]))
@@ -67,10 +70,7 @@ def test_two_stage_search_matches_brute_force(seed, n, distinct, floor):
 @given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 18), distinct=st.integers(1, 6),
        floor=st.floats(0.0, 1.0))
 def test_three_stage_search_matches_brute_force(seed, n, distinct, floor):
-    confs, correct, costs = _random_problem(np.random.default_rng(seed), n, 3, distinct)
-    search = ThresholdSearch(costs)
-    got = search.fit(confs, correct, floor)
-    want = _brute_force(search, confs, correct, floor)
+    _, _, _, got, want = _fit_and_brute_force(seed, n, 3, distinct, floor)
     assert got.feasible == (want is not None)
     if want is not None:
         assert got.expected_cost == pytest.approx(want.expected_cost)

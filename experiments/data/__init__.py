@@ -1,6 +1,6 @@
 """Lightning DataModules, one per data set, chosen by the ``data=`` config group."""
 
-from experiments.data.base import ClassificationDataModule, TensorImageDataset, split_indices
+from experiments.data.base import ClassificationDataModule, TensorImageDataset, batches_to_tensor, split_indices
 from experiments.data.digits import DigitsDataModule
 from experiments.data.mnist import MNISTDataModule
 from experiments.data.synthetic import SyntheticDataModule
@@ -8,5 +8,6 @@ from experiments.data.vision import CIFAR10DataModule, CIFAR100DataModule, Image
 
 __all__ = [
     "CIFAR10DataModule", "CIFAR100DataModule", "ClassificationDataModule", "DigitsDataModule", "ImageNetDataModule",
-    "MNISTDataModule", "SVHNDataModule", "SyntheticDataModule", "TensorImageDataset", "split_indices",
+    "MNISTDataModule", "SVHNDataModule", "SyntheticDataModule", "TensorImageDataset", "batches_to_tensor",
+    "split_indices",
 ]

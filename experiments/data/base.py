@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from pytorch_lightning import LightningDataModule
@@ -139,3 +139,16 @@ class ClassificationDataModule(LightningDataModule):
         """Number of samples per split (builds the splits if needed)."""
         self.setup()
         return {"train": len(self.data_train), "val": len(self.data_val), "test": len(self.data_test)}
+
+
+def batches_to_tensor(batches: Iterable[Any], limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate ``(x, y)`` batches into one batch (up to ``limit`` samples)."""
+    xs, ys, n = [], [], 0
+    for x, y in batches:
+        xs.append(x)
+        ys.append(y)
+        n += len(x)
+        if limit is not None and n >= limit:
+            break
+    x, y = torch.cat(xs), torch.cat(ys)
+    return (x[:limit], y[:limit]) if limit is not None else (x, y)

@@ -3,9 +3,18 @@ difficulty buckets, per-bucket and Pareto tables, and plots (``python -m experim
 
 from experiments.evaluation.difficulty import Buckets, confidence_buckets, ladder_buckets, score_buckets
 from experiments.evaluation.evaluator import EvaluationResult, evaluate_methods
-from experiments.evaluation.methods import (CascadeMethod, Method, MethodOutput, RandomSkipMethod, SkipNetMethod,
-                                            StaticMethod, cascade_from_run, random_skip_from_run, skipnet_from_run,
-                                            static_from_run)
+from experiments.evaluation.methods import (
+                                            CascadeMethod,
+                                            Method,
+                                            MethodOutput,
+                                            RandomSkipMethod,
+                                            SkipNetMethod,
+                                            StaticMethod,
+                                            cascade_from_run,
+                                            random_skip_from_run,
+                                            skipnet_from_run,
+                                            static_from_run,
+)
 
 __all__ = ["Buckets", "CascadeMethod", "EvaluationResult", "Method", "MethodOutput", "RandomSkipMethod",
            "SkipNetMethod", "StaticMethod", "cascade_from_run", "confidence_buckets", "evaluate_methods",

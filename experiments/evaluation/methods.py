@@ -25,12 +25,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cascades.model import IDKCascade
-from gating.backbones.weights import load_pretrained
+from gating.backbones.weights import find_run, load_pretrained
 from gating.cost import count_flops
 from gating.errors import UserError
 
 __all__ = ["CascadeMethod", "Method", "MethodOutput", "RandomSkipMethod", "SkipNetMethod", "StaticMethod",
-           "cascade_from_run", "find_run", "random_skip_from_run", "skipnet_from_run", "static_from_run"]
+           "cascade_from_run", "random_skip_from_run", "skipnet_from_run", "static_from_run"]
 
 
 @dataclass
@@ -61,18 +61,6 @@ class Method:
             if isinstance(v, nn.Module):
                 v.to(device).eval()
         return self
-
-
-def find_run(path: str | Path) -> Path:
-    """A finished run folder: ``path`` itself, or the newest run (by folder name) inside it."""
-    p = Path(path).expanduser()
-    if (p / "metrics.json").is_file():
-        return p
-    runs = sorted(r for r in p.glob("*/") if (r / "metrics.json").is_file()) if p.is_dir() else []
-    if not runs:
-        raise UserError(f"no finished run at {str(p)!r}: run the step that writes it first (its run folder has "
-                        f"metrics.json and config.yaml)")
-    return runs[-1]
 
 
 def _run_config(run: Path) -> tuple[DictConfig, dict[str, Any]]:

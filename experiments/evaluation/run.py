@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 from typing import Any
@@ -12,11 +11,11 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from cascades.calibrate import batches_to_tensor
+from experiments.data import batches_to_tensor
 from experiments.evaluation.difficulty import Buckets, confidence_buckets, ladder_buckets, score_buckets
 from experiments.evaluation.evaluator import EvaluationResult, evaluate_methods
 from experiments.evaluation.report import bucket_table, cost_trend, pareto_table, plot_all
-from experiments.report import machine_info, markdown_table, pick_device
+from experiments.report import machine_info, markdown_table, pick_device, write_csv
 from experiments.utils import Stopwatch, instantiate_list, output_dir, user_facing, write_run_record
 from gating.errors import UserError
 
@@ -55,16 +54,6 @@ def make_buckets(cfg: DictConfig, res: EvaluationResult, n: int) -> Buckets:
     if kind == "file":
         return score_buckets(cfg.file, cfg.column, n, cfg.buckets)
     raise UserError(f"difficulty.kind must be ladder, confidence or file, got {kind!r}")
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
 
 
 @user_facing

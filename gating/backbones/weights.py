@@ -32,13 +32,33 @@ def resolve_checkpoint(path: str | Path) -> Path:
         ckpts = sorted(ckpt_dir.glob("*.ckpt"), key=lambda f: f.stat().st_mtime) if ckpt_dir.is_dir() else []
         if ckpts:
             return ckpts[-1]
-        runs = sorted((r for r in p.iterdir() if (r / "metrics.json").is_file()), key=lambda r: r.name)
-        if runs:
-            return resolve_checkpoint(runs[-1])
+        run = newest_run(p)
+        if run is not None:
+            return resolve_checkpoint(run)
         raise UserError(f"folder {str(p)!r} holds no checkpoint (checkpoints/*.ckpt) and no finished run: run the "
                         f"training stage that writes it first, or pass a .ckpt file")
     raise UserError(f"checkpoint {str(p)!r} not found: pass ckpt_path=<a .ckpt file or a training run folder "
                     f"under logs/train/runs/>")
+
+
+def newest_run(folder: str | Path) -> Path | None:
+    """The newest finished run (a sub-folder with ``metrics.json``; run folders are named by time) in a
+    folder of runs such as ``logs/train/runs/<run_name>``, or None."""
+    p = Path(folder).expanduser()
+    runs = sorted(r for r in p.iterdir() if (r / "metrics.json").is_file()) if p.is_dir() else []
+    return runs[-1] if runs else None
+
+
+def find_run(path: str | Path) -> Path:
+    """A finished run folder: ``path`` itself, or the newest finished run inside it."""
+    p = Path(path).expanduser()
+    if (p / "metrics.json").is_file():
+        return p
+    run = newest_run(p)
+    if run is None:
+        raise UserError(f"no finished run at {str(p)!r}: run the step that writes it first (its run folder has "
+                        f"metrics.json and config.yaml)")
+    return run
 
 
 def read_state_dict(path: str | Path, prefix: str = "net.") -> dict[str, torch.Tensor]:

@@ -13,11 +13,12 @@ import base64
 import json
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import urlparse
 
-import httpx
+import aiohttp
 import numpy as np
 
 __all__ = ["LoadReport", "burst_arrivals", "poisson_arrivals", "run_load"]
@@ -111,25 +112,32 @@ async def run_load(url: str, model: str, inputs: Sequence[list], labels: Sequenc
     if host not in LOOPBACK:
         raise ValueError(f"the load generator only targets loopback, not {host!r}")
     results: list[dict[str, Any]] = []
-    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
-        headers = {"content-type": "application/json"}
+    # aiohttp, not httpx: the generator shares the cores with the server it measures, and httpx's
+    # connection pool costs more CPU per request as concurrency grows, which turned every overload
+    # into a collapse of the client itself.
+    connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=max_connections)
+    client_timeout = aiohttp.ClientTimeout(total=timeout_s)
+    path = f"{url.rstrip('/')}/v1/models/{model}/predict"
+    headers = {"content-type": "application/json"}
+    async with aiohttp.ClientSession(connector=connector, timeout=client_timeout) as session:
+        start = time.perf_counter()
 
         async def one(i: int) -> None:
-            t0 = time.perf_counter()
+            # Latency counts from the scheduled send time: a late client must not hide the wait.
+            t0 = start + arrivals[i]
             try:
-                r = await client.post(f"/v1/models/{model}/predict", content=bodies[i], headers=headers)
+                async with session.post(path, data=bodies[i], headers=headers) as r:
+                    payload = await r.read()
                 ms = (time.perf_counter() - t0) * 1e3
-                if r.status_code == 200:
-                    for a in r.json()["outputs"]:
+                if r.status == 200:
+                    for a in json.loads(payload)["outputs"]:
                         results.append({"code": 200, "ms": ms, "status": a["status"], "degraded": a["degraded"],
                                         "correct": a.get("correct")})
                 else:
-                    results.extend({"code": r.status_code, "ms": ms} for _ in range(k))
-            except httpx.HTTPError:
+                    results.extend({"code": r.status, "ms": ms} for _ in range(k))
+            except (aiohttp.ClientError, asyncio.TimeoutError):
                 results.extend({"code": -1, "ms": (time.perf_counter() - t0) * 1e3} for _ in range(k))
 
-        start = time.perf_counter()
         tasks = []
         for i, t in enumerate(arrivals):
             delay = start + t - time.perf_counter()

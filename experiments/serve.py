@@ -14,8 +14,9 @@ GFLOPs per image are published at ``GET /v1/models``. The same engine runs on a 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import hydra
 import torch
@@ -104,7 +105,8 @@ def serve(cfg: DictConfig) -> None:
     engines = build_engines(cfg)
     norm = cfg.get("image_normalize")
     app = create_app(engines, cfg.max_body_bytes, cfg.max_inputs,
-                     {n: (list(norm.mean), list(norm.std)) for n in engines} if norm else None)
+                     {n: (list(norm.mean), list(norm.std)) for n in engines} if norm else None,
+                     shed_lag_ms=cfg.get("shed_lag_ms"), lag_interval_ms=cfg.get("lag_interval_ms", 5.0))
     log.info("serving %s on http://%s:%d (docs at /docs)", sorted(engines), cfg.host, cfg.port)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.get("log_level", "warning"),
                 timeout_graceful_shutdown=cfg.get("graceful_shutdown_s", 30),

@@ -10,7 +10,10 @@
 
 Bad requests get a 4xx that says what is wrong: malformed JSON (400), wrong shape, dtype, NaN or inf
 (422), a payload over ``max_body_bytes`` (413), an unknown model (404), a full queue (429 with
-Retry-After), shutting down (503). The server keeps serving after any of them.
+Retry-After), shutting down (503). With ``shed_lag_ms`` set, a predict request that arrives while the
+event loop runs that late is answered 503 with Retry-After before its body is read (load shedding;
+see ``serve.frontend``). The server keeps serving after any of them; a client that disconnects gets
+nothing, and its inputs are still answered once inside the engine.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
 from serve.engine import EngineClosed, QueueFull, ServingEngine
+from serve.frontend import LoopLagMonitor
 
 __all__ = ["create_app"]
 
@@ -101,30 +105,71 @@ def _decode_image(b64: str, shape: tuple[int, ...]) -> torch.Tensor:
     return F.to_dtype(F.to_image(img), torch.float32, scale=True)
 
 
+class FrontDoor:
+    """ASGI middleware run before routing and before the body is read: refuses oversize bodies (413)
+    and, while the event loop lags over ``shed_lag_ms``, sheds predict requests (503, Retry-After).
+
+    Plain ASGI rather than ``@app.middleware``: that wrapper costs an extra task per request.
+    """
+
+    def __init__(self, app, max_body_bytes: int, monitor: LoopLagMonitor, shed_lag_ms: float | None,
+                 on_shed=None) -> None:
+        self.app, self.max_body_bytes, self.monitor, self.shed_lag_ms = app, max_body_bytes, monitor, shed_lag_ms
+        self.on_shed = on_shed or (lambda: None)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            size = dict(scope["headers"]).get(b"content-length", b"")
+            if size.isdigit() and int(size) > self.max_body_bytes:
+                await JSONResponse({"detail": f"request body over {self.max_body_bytes} bytes"},
+                                   status_code=413)(scope, receive, send)
+                return
+            if self.shed_lag_ms is not None and scope["method"] == "POST" and scope["path"].endswith("/predict"):
+                lag_ms = self.monitor.lag_s() * 1e3
+                if lag_ms > self.shed_lag_ms:
+                    self.on_shed()
+                    await JSONResponse({"detail": f"overloaded: the server runs {lag_ms:.0f} ms behind "
+                                                  f"(shedding above {self.shed_lag_ms:g} ms); retry later"},
+                                       status_code=503, headers={"Retry-After": "1"})(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
 def create_app(engines: dict[str, ServingEngine], max_body_bytes: int = 8 << 20, max_inputs: int = 1024,
-               normalize: dict[str, tuple[list[float], list[float]]] | None = None) -> FastAPI:
+               normalize: dict[str, tuple[list[float], list[float]]] | None = None,
+               shed_lag_ms: float | None = None, lag_interval_ms: float = 5.0) -> FastAPI:
     """The app serving ``engines`` (name -> engine). Engines start with the app and drain when it stops.
 
     ``normalize``: per model, the (mean, std) per channel to apply to decoded images (the training
-    transform); numeric ``inputs`` are taken as already normalised.
+    transform); numeric ``inputs`` are taken as already normalised. ``shed_lag_ms``: shed predict
+    requests while the event loop runs this many ms late (None: never). The loop's lag, sampled every
+    ``lag_interval_ms``, also feeds every engine's auto triage and the ``serve_event_loop_lag_seconds``
+    metric.
     """
+    monitor = LoopLagMonitor(lag_interval_ms / 1e3)
+    registries = {id(e.metrics.registry): e.metrics for e in engines.values()}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        await monitor.start()
+        for m in registries.values():
+            m.loop_lag.set_function(monitor.lag_s)
         for e in engines.values():
+            e.front_lag_s = monitor.lag_s
             await e.start()
         yield
         for e in engines.values():
             await e.stop(drain=True)
+        await monitor.stop()
+
+    def count_shed() -> None:
+        for m in registries.values():
+            m.shed.inc()
 
     app = FastAPI(title="adaptive-inference serving", version="0.1.0", lifespan=lifespan)
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > max_body_bytes:
-            return JSONResponse({"detail": f"request body over {max_body_bytes} bytes"}, status_code=413)
-        return await call_next(request)
+    app.state.loop_lag = monitor
+    app.add_middleware(FrontDoor, max_body_bytes=max_body_bytes, monitor=monitor, shed_lag_ms=shed_lag_ms,
+                       on_shed=count_shed)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError):

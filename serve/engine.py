@@ -13,9 +13,9 @@ loop stays free to accept requests, answer expired ones and publish metrics.
   ``deadline_exceeded`` (a timer, not after the running batch); its rows are dropped from the queues.
 - Bounded queue: past ``max_queue`` queued rows, :meth:`ServingEngine.submit` raises
   :class:`QueueFull` with a ``retry_after_s`` hint; it never blocks.
-- Triage: ``off``, ``on`` (a fixed level) or ``auto``. Auto raises the level when queue waiting
-  threatens the latency objective and lowers it, with hysteresis, when the queue has been calm for
-  ``hold_s``.
+- Triage: ``off``, ``on`` (a fixed level) or ``auto``. Auto raises the level when queue waiting, or
+  the front end's event-loop lag (``front_lag_s``), threatens the latency objective, and lowers it
+  with hysteresis when both have been calm for ``hold_s``.
 - Exactly one answer per accepted request, and :meth:`ServingEngine.stop` drains in-flight work.
 """
 
@@ -27,6 +27,7 @@ import itertools
 import logging
 import math
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -161,9 +162,11 @@ class EngineMetrics:
     degraded: Counter
     rejected: Counter
     flops: Counter
+    loop_lag: Gauge
+    shed: Counter
 
     @classmethod
-    def create(cls, registry: CollectorRegistry | None = None) -> "EngineMetrics":
+    def create(cls, registry: CollectorRegistry | None = None) -> EngineMetrics:
         r = registry or CollectorRegistry()
         return cls(
             r,
@@ -186,6 +189,10 @@ class EngineMetrics:
             Counter("serve_degraded_total", "Inputs answered at a triage level above 0", ["model"], registry=r),
             Counter("serve_rejected_total", "Inputs rejected because the queue was full", ["model"], registry=r),
             Counter("serve_flops_total", "FLOPs spent on answered inputs", ["model"], registry=r),
+            Gauge("serve_event_loop_lag_seconds", "How late the front end's event loop runs (recent max)",
+                  registry=r),
+            Counter("serve_shed_total", "Requests answered 503 before parsing because the front end lagged",
+                    registry=r),
         )
 
 
@@ -212,6 +219,9 @@ class ServingEngine:
         self._batch_limit = [self.batching.max_batch_size] * servable.num_stages
         self._level = 0
         self._calm_since: float | None = None
+        # The front end's own delay (seconds), which queue waits cannot see: set by the app to its
+        # event-loop lag (serve.frontend.LoopLagMonitor); auto triage treats it as waiting.
+        self.front_lag_s: Callable[[], float] = lambda: 0.0
         self.level_changes: list[tuple[float, int]] = []
         self._set_level(self._fixed_level())
 
@@ -461,7 +471,8 @@ class ServingEngine:
         # How long the most urgent queued rows have waited in their queue: the threat to the objective
         # (a row just deferred to the next stage has not waited, whatever its own service time).
         oldest = min((q[0][1].enqueued for q in self._queues if q), default=now)
-        wait_ms = (now - oldest) * 1e3
+        # Requests still waiting for the front end are as late as its event loop.
+        wait_ms = max(now - oldest, self.front_lag_s()) * 1e3
         slo = self.batching.slo_ms
         top = len(self.servable.levels) - 1
         if wait_ms > self.triage.enter_wait_fraction * slo:

@@ -15,11 +15,12 @@ validation data, measured offline.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from cascades.model import IDKCascade
 from gating.cost import count_flops

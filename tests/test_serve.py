@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
+import json
 import math
 import socket
 import threading
@@ -204,7 +206,7 @@ def _png(value: int = 128) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _app(max_queue: int = 4096, delay_s: float = 0.0):
+def _app(max_queue: int = 4096, delay_s: float = 0.0, shed_lag_ms: float | None = None):
     torch.manual_seed(0)
     stages = {"lin": create_model("linear", num_classes=10, in_chans=1, image_size=8),
               "cnn": create_model("tiny_cnn", num_classes=10, in_chans=1, width=4)}
@@ -213,7 +215,7 @@ def _app(max_queue: int = 4096, delay_s: float = 0.0):
                                         BatchingConfig(max_batch_size=16, max_delay_ms=1, max_queue=max_queue)),
                "fake": ServingEngine(FakeCascade(delay_s), BatchingConfig(max_batch_size=2, max_delay_ms=0,
                                                                           max_queue=max_queue, slo_ms=10000))}
-    return create_app(engines, max_body_bytes=200_000, max_inputs=64)
+    return create_app(engines, max_body_bytes=200_000, max_inputs=64, shed_lag_ms=shed_lag_ms)
 
 
 def test_http_contract_and_bad_inputs():
@@ -301,11 +303,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_open_loop_load_over_real_http():
+@contextlib.contextmanager
+def _served(app):
+    """``app`` under a real uvicorn on a free loopback port, in a thread; yields its URL."""
     import uvicorn
 
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(_app(), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -315,13 +319,17 @@ def test_open_loop_load_over_real_http():
                     break
             except httpx.HTTPError:
                 time.sleep(0.05)
-        x = torch.randn(20, 1, 8, 8)
-        arrivals = poisson_arrivals(rate=60, duration_s=1.5, seed=1)
-        report = asyncio.run(run_load(f"http://127.0.0.1:{port}", "cascade", x.tolist(), list(range(10)) * 2,
-                                      arrivals, slo_ms=1000))
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_open_loop_load_over_real_http():
+    x = torch.randn(20, 1, 8, 8)
+    arrivals = poisson_arrivals(rate=60, duration_s=1.5, seed=1)
+    with _served(_app()) as url:
+        report = asyncio.run(run_load(url, "cascade", x.tolist(), list(range(10)) * 2, arrivals, slo_ms=1000))
     assert report.sent == len(arrivals) and report.answered_ok == report.sent
     assert report.rejected == 0 and report.errors == 0 and report.slo_attainment > 0.9
     assert 0 <= report.accuracy <= 1 and report.p50_ms <= report.p99_ms
@@ -335,3 +343,83 @@ def test_arrival_processes():
     b = burst_arrivals(50, 10, burst_start_s=4, burst_s=2, burst_factor=4, seed=0)
     in_burst = sum(4 <= t < 6 for t in b)
     assert 300 < in_burst < 500 and 300 < len(b) - in_burst < 500
+
+
+# ------------------------------------------------------------------------------------------ front end
+def test_loop_lag_monitor_sees_a_blocked_loop():
+    from serve.frontend import LoopLagMonitor
+
+    async def go():
+        monitor = LoopLagMonitor(interval_s=0.002, window_s=0.2)
+        assert monitor.lag_s() == 0.0  # not started
+        await monitor.start()
+        await asyncio.sleep(0.05)
+        calm = monitor.lag_s()
+        asyncio.get_running_loop().call_soon(time.sleep, 0.08)  # a callback that hogs the loop
+        await asyncio.sleep(0.02)
+        busy = monitor.lag_s()
+        await asyncio.sleep(0.35)  # past the window
+        after = monitor.lag_s()
+        await monitor.stop()
+        return calm, busy, after
+
+    calm, busy, after = _run(go())
+    assert calm < 0.03 and busy >= 0.06 and after < 0.03
+
+
+def test_auto_triage_rises_on_front_end_lag_with_an_empty_queue():
+    async def go():
+        engine = ServingEngine(FakeCascade(), BatchingConfig(max_batch_size=4, max_delay_ms=0, slo_ms=100),
+                               TriageConfig(mode="auto", hold_s=0.05))
+        await engine.start()
+        await engine.submit(torch.ones(1, 3))
+        calm_level = engine.triage_level
+        engine.front_lag_s = lambda: 0.05  # the front end runs 50 ms late: over 0.3 x 100 ms
+        await engine.submit(torch.ones(1, 3))
+        raised = engine.triage_level
+        engine.front_lag_s = lambda: 0.0
+        for _ in range(4):
+            await asyncio.sleep(0.03)
+            await engine.submit(torch.ones(1, 3))
+        await engine.stop()
+        return calm_level, raised, engine.triage_level
+
+    calm_level, raised, final = _run(go())
+    assert (calm_level, raised, final) == (0, 1, 0)
+
+
+def test_http_sheds_predict_while_the_loop_lags():
+    app = _app(shed_lag_ms=20.0)
+    with TestClient(app) as client:
+        body = {"input": torch.zeros(1, 8, 8).tolist()}
+        assert client.post("/v1/models/cascade/predict", json=body).status_code == 200
+        app.state.loop_lag.lag_s = lambda: 0.5  # as if the loop ran 500 ms behind
+        shed = client.post("/v1/models/cascade/predict", json=body)
+        assert shed.status_code == 503 and shed.headers["Retry-After"] == "1" and "behind" in shed.json()["detail"]
+        assert client.get("/healthz").status_code == 200  # only predict is shed
+        app.state.loop_lag.lag_s = lambda: 0.0
+        assert client.post("/v1/models/cascade/predict", json=body).status_code == 200
+        text = client.get("/metrics").text
+        assert "serve_shed_total 1.0" in text and "serve_event_loop_lag_seconds" in text
+
+
+def test_clients_that_disconnect_get_nothing_and_the_server_goes_on():
+    body = json.dumps({"inputs": [[1.0, 0.0, 0.0]] * 2}).encode()
+    head = (b"POST /v1/models/fake/predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n")
+    with _served(_app(delay_s=0.1)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        for _ in range(3):  # gone while their inputs wait or run
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(head % len(body) + body)
+                time.sleep(0.02)
+        with socket.create_connection(("127.0.0.1", port)) as s:  # gone halfway through its body
+            s.sendall(head % len(body) + body[:10])
+        time.sleep(0.8)  # three batches of 0.1 s, and their answers written to closed sockets
+        after = httpx.post(f"{url}/v1/models/fake/predict", json={"inputs": [[1.0, 0.0, 0.0]]}, timeout=10)
+        metrics = httpx.get(f"{url}/metrics").text
+    assert after.status_code == 200 and after.json()["outputs"][0]["status"] == "ok"
+    # The three gone clients' six inputs were each answered once inside the engine, then the new one;
+    # the request cut off in its body never reached the engine.
+    assert 'serve_answers_total{model="fake",status="ok"} 7.0' in metrics
+    assert 'serve_queue_depth{model="fake",stage="0"} 0.0' in metrics

@@ -14,6 +14,7 @@ at least ``peak_attainment`` over ``probe_s`` seconds.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import socket
 import statistics
@@ -69,13 +70,10 @@ def put(url: str, model: str, body: dict[str, Any]) -> None:
     r.raise_for_status()
 
 
-def load(url: str, model: str, xs: list, ys: list, arrivals: list[float], slo_ms: float, per_request: int = 1
-         ) -> dict[str, Any]:
-    return asyncio.run(run_load(url, model, xs, ys, arrivals, slo_ms, inputs_per_request=per_request,
-                                encoding=ENCODING[0])).to_dict()
-
-
-ENCODING = ["json"]  # set from the config in bench()
+def load(url: str, model: str, xs: list, ys: list, arrivals: list[float], cfg: DictConfig) -> dict[str, Any]:
+    """One open-loop run at the configured objective, inputs per request and encoding."""
+    return asyncio.run(run_load(url, model, xs, ys, arrivals, cfg.slo_ms, inputs_per_request=cfg.inputs_per_request,
+                                encoding=cfg.encoding)).to_dict()
 
 
 def find_peak(url: str, model: str, xs: list, ys: list, cfg: DictConfig) -> tuple[float, list[dict[str, Any]]]:
@@ -88,14 +86,13 @@ def find_peak(url: str, model: str, xs: list, ys: list, cfg: DictConfig) -> tupl
     def passes(rate: float) -> bool:
         # A rate fails only if two probes in a row miss: one stall of a shared 2-core machine is not a limit.
         for _ in range(2):
-            rep = load(url, model, xs, ys, poisson_arrivals(rate, cfg.probe_s, seed=len(probes)), cfg.slo_ms,
-                       cfg.inputs_per_request)
+            rep = load(url, model, xs, ys, poisson_arrivals(rate, cfg.probe_s, seed=len(probes)), cfg)
             probes.append({"rate": rate, **rep})
             if rep["slo_attainment"] >= cfg.peak_attainment:
                 return True
         return False
 
-    load(url, model, xs, ys, poisson_arrivals(cfg.start_rate, 3.0, seed=123), cfg.slo_ms, cfg.inputs_per_request)
+    load(url, model, xs, ys, poisson_arrivals(cfg.start_rate, 3.0, seed=123), cfg)  # warm-up
     lo, hi, rate = 0.0, None, float(cfg.start_rate)
     while hi is None and rate <= cfg.max_rate:
         if passes(rate):
@@ -109,7 +106,12 @@ def find_peak(url: str, model: str, xs: list, ys: list, cfg: DictConfig) -> tupl
 
 
 def overhead(url: str, model: str, servable_cfg: DictConfig, xs: torch.Tensor, n: int) -> dict[str, float]:
-    """p50 of one input sent alone over HTTP against the same input through the model directly."""
+    """p50 of one input sent alone, against the same input through the model directly.
+
+    Three views of the serving path: the engine (arrival in the engine to its answer), the server
+    (``Server-Timing``: request head parsed to answer head, JSON and base64 decoding included), and
+    the client's round trip over loopback (the client's own HTTP cost included).
+    """
     servable = instantiate(servable_cfg, name=model)
     direct = []
     with torch.inference_mode():
@@ -118,24 +120,25 @@ def overhead(url: str, model: str, servable_cfg: DictConfig, xs: torch.Tensor, n
             t0 = time.perf_counter()
             servable.run(x)
             direct.append((time.perf_counter() - t0) * 1e3)
-    http, engine = [], []
+    http, server, engine = [], [], []
     with httpx.Client(base_url=url, timeout=10) as client:
         for i in range(n):
-            body = {"input": xs[i % len(xs)].tolist()}
+            raw = xs[i % len(xs)][None].numpy().astype("<f4").tobytes()
+            body = {"tensor_b64": base64.b64encode(raw).decode()}
             t0 = time.perf_counter()
             r = client.post(f"/v1/models/{model}/predict", json=body)
             http.append((time.perf_counter() - t0) * 1e3)
             r.raise_for_status()
+            server.append(float(r.headers["server-timing"].split("dur=")[1]))
             engine.append(r.json()["outputs"][0]["latency_ms"])  # arrival in the engine to answer
-    d, h, e = (statistics.median(v[n // 10:]) for v in (direct, http, engine))
-    return {"direct_p50_ms": d, "engine_p50_ms": e, "engine_added_p50_ms": e - d, "http_p50_ms": h,
-            "http_added_p50_ms": h - d}
+    d, h, sv, e = (statistics.median(v[n // 10:]) for v in (direct, http, server, engine))
+    return {"direct_p50_ms": d, "engine_p50_ms": e, "engine_added_p50_ms": e - d, "server_p50_ms": sv,
+            "server_added_p50_ms": sv - d, "http_p50_ms": h, "http_added_p50_ms": h - d}
 
 
 @user_facing
 def bench(cfg: DictConfig) -> dict[str, Any]:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one log line per request would load the client
-    ENCODING[0] = cfg.encoding
     dm = instantiate(cfg.data)
     x, y = batches_to_tensor(dm.test_dataloader())
     x, y = x[: cfg.n_inputs], y[: cfg.n_inputs]
@@ -161,17 +164,17 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         main = cfg.models[0]
         rate = cfg.poisson_fraction * peaks[main]["peak_rps"]
         result["poisson"] = {"model": main, "rate": rate,
-                             **load(url, main, xs, ys, poisson_arrivals(rate, cfg.poisson_s, seed=99), cfg.slo_ms,
-                                    cfg.inputs_per_request)}
+                             **load(url, main, xs, ys, poisson_arrivals(rate, cfg.poisson_s, seed=99), cfg)}
         bursts = {}
         base = cfg.burst_base_fraction * peaks[main]["peak_rps"]
         arrivals = burst_arrivals(base, cfg.burst_total_s, cfg.burst_start_s, cfg.burst_s, cfg.burst_factor, seed=7)
         for mode in ("off", "auto"):
             put(url, main, {"triage": {"mode": mode}})
             time.sleep(1.0)
-            bursts[mode] = load(url, main, xs, ys, arrivals, cfg.slo_ms, cfg.inputs_per_request)
+            bursts[mode] = load(url, main, xs, ys, arrivals, cfg)
             settings = httpx.get(f"{url}/v1/settings").json()[main]
             bursts[mode]["final_triage_level"] = settings["triage_level"]
+            bursts[mode]["triage_changes"] = settings["triage_changes"]  # the last 100, newest last
         put(url, main, {"triage": {"mode": "off"}})
         result["burst"] = {"model": main, "base_rate": base, "factor": cfg.burst_factor, "burst_s": cfg.burst_s,
                            **bursts}

@@ -22,6 +22,7 @@ import base64
 import binascii
 import io
 import math
+import time
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -108,6 +109,8 @@ def _decode_image(b64: str, shape: tuple[int, ...]) -> torch.Tensor:
 class FrontDoor:
     """ASGI middleware run before routing and before the body is read: refuses oversize bodies (413)
     and, while the event loop lags over ``shed_lag_ms``, sheds predict requests (503, Retry-After).
+    Every answer carries ``Server-Timing: app;dur=<ms>``, the server's time from the parsed request
+    head to the answer's head: the serving layer's cost without the client's or the network's.
 
     Plain ASGI rather than ``@app.middleware``: that wrapper costs an extra task per request.
     """
@@ -132,6 +135,16 @@ class FrontDoor:
                                                   f"(shedding above {self.shed_lag_ms:g} ms); retry later"},
                                        status_code=503, headers={"Retry-After": "1"})(scope, receive, send)
                     return
+            t0 = time.perf_counter()
+
+            async def timed_send(message) -> None:
+                if message["type"] == "http.response.start":
+                    dur = f"app;dur={(time.perf_counter() - t0) * 1e3:.3f}".encode()
+                    message = {**message, "headers": [*message.get("headers", []), (b"server-timing", dur)]}
+                await send(message)
+
+            await self.app(scope, receive, timed_send)
+            return
         await self.app(scope, receive, send)
 
 

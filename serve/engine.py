@@ -22,6 +22,7 @@ loop stays free to accept requests, answer expired ones and publish metrics.
 from __future__ import annotations
 
 import asyncio
+import collections
 import heapq
 import itertools
 import logging
@@ -222,7 +223,7 @@ class ServingEngine:
         # The front end's own delay (seconds), which queue waits cannot see: set by the app to its
         # event-loop lag (serve.frontend.LoopLagMonitor); auto triage treats it as waiting.
         self.front_lag_s: Callable[[], float] = lambda: 0.0
-        self.level_changes: list[tuple[float, int]] = []
+        self.level_changes: collections.deque[tuple[float, int]] = collections.deque(maxlen=1000)  # bounded: servers run for days
         self._set_level(self._fixed_level())
 
     # ----------------------------------------------------------------------------------- lifecycle
@@ -491,8 +492,10 @@ class ServingEngine:
 
     # ----------------------------------------------------------------------------------- settings
     def settings(self) -> dict[str, Any]:
+        now = time.monotonic()
         return {"batching": asdict(self.batching), "triage": asdict(self.triage), "triage_level": self._level,
-                "batch_limits": list(self._batch_limit)}
+                "batch_limits": list(self._batch_limit),
+                "triage_changes": [{"s_ago": round(now - t, 3), "level": lv} for t, lv in list(self.level_changes)[-100:]]}
 
     def update(self, batching: dict[str, Any] | None = None, triage: dict[str, Any] | None = None) -> dict[str, Any]:
         """Change knobs while serving; unknown keys or bad values raise ``ValueError``."""

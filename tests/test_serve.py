@@ -222,7 +222,7 @@ def test_http_contract_and_bad_inputs():
     with TestClient(_app()) as client:
         ok = client.post("/v1/models/cascade/predict", json={"inputs": torch.randn(3, 1, 8, 8).tolist(),
                                                             "labels": [1, 2, 3]})
-        assert ok.status_code == 200
+        assert ok.status_code == 200 and float(ok.headers["server-timing"].split("dur=")[1]) > 0
         outs = ok.json()["outputs"]
         assert len(outs) == 3 and {"label", "confidence", "exit_stage", "flops", "degraded", "status",
                                    "correct"} <= set(outs[0])

@@ -13,6 +13,7 @@ GFLOPs per image are published at ``GET /v1/models``. The same engine runs on a 
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,6 +77,11 @@ def build_engines(cfg: DictConfig) -> dict[str, ServingEngine]:
     """
     device = pick_device(cfg.get("device", "auto"))
     worker = DeviceWorker(str(device))
+    if cfg.get("torch_threads"):
+        # Intra-op threads for the device thread; on a CPU shared with the HTTP front end, fewer than
+        # the cores leaves one for parsing and answering requests.
+        torch.set_num_threads(int(cfg.torch_threads))
+        worker.run(torch.set_num_threads, int(cfg.torch_threads))
 
     def build() -> list[Servable]:
         servables: list[Servable] = [instantiate(node, name=name) for name, node in cfg.models.items() if node]
@@ -103,6 +109,11 @@ def serve(cfg: DictConfig) -> None:
     from serve.app import create_app
 
     engines = build_engines(cfg)
+    # What start-up built (torch, the models, the config) lives as long as the server: out of the
+    # collector's reach, a full collection scans only what serving allocates (start-up's own gen-2
+    # collections took 13-350 ms on 2 cores; none over 5 ms was seen while serving).
+    gc.collect()
+    gc.freeze()
     norm = cfg.get("image_normalize")
     app = create_app(engines, cfg.max_body_bytes, cfg.max_inputs,
                      {n: (list(norm.mean), list(norm.std)) for n in engines} if norm else None,

@@ -102,10 +102,8 @@ def build_engines(cfg: DictConfig) -> dict[str, ServingEngine]:
             for s in worker.run(build)}
 
 
-@user_facing
-def serve(cfg: DictConfig) -> None:
-    import uvicorn
-
+def build_app(cfg: DictConfig):
+    """The engines of ``cfg`` and the FastAPI app serving them: ``(app, engines)``."""
     from serve.app import create_app
 
     engines = build_engines(cfg)
@@ -118,6 +116,14 @@ def serve(cfg: DictConfig) -> None:
     app = create_app(engines, cfg.max_body_bytes, cfg.max_inputs,
                      {n: (list(norm.mean), list(norm.std)) for n in engines} if norm else None,
                      shed_lag_ms=cfg.get("shed_lag_ms"), lag_interval_ms=cfg.get("lag_interval_ms", 5.0))
+    return app, engines
+
+
+@user_facing
+def serve(cfg: DictConfig) -> None:
+    import uvicorn
+
+    app, engines = build_app(cfg)
     log.info("serving %s on http://%s:%d (docs at /docs)", sorted(engines), cfg.host, cfg.port)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.get("log_level", "warning"),
                 timeout_graceful_shutdown=cfg.get("graceful_shutdown_s", 30),

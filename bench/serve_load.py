@@ -8,7 +8,7 @@ own overhead, Poisson load at 80% of peak, and a 2x burst with triage off and au
 The server runs as its own process (``python -m experiments.serve``) on loopback and the load comes from
 this one, so client and server do not share an interpreter. On a 2-core machine they still share the
 cores; the JSON records the machine. Peak throughput is the highest Poisson rate whose SLO attainment is
-at least ``peak_attainment`` over ``probe_s`` seconds.
+at least ``peak_attainment`` in each of ``peak_probes`` runs of ``probe_s`` seconds.
 """
 
 from __future__ import annotations
@@ -84,13 +84,14 @@ def find_peak(url: str, model: str, xs: list, ys: list, cfg: DictConfig) -> tupl
     probes: list[dict[str, Any]] = []
 
     def passes(rate: float) -> bool:
-        # A rate fails only if two probes in a row miss: one stall of a shared 2-core machine is not a limit.
-        for _ in range(2):
+        # Sustained: every one of cfg.peak_probes probes must hold the objective. (Passing one probe of
+        # two overstated the peak: 80% of it then missed the Poisson target in 2 runs of 3.)
+        for _ in range(cfg.peak_probes):
             rep = load(url, model, xs, ys, poisson_arrivals(rate, cfg.probe_s, seed=len(probes)), cfg)
             probes.append({"rate": rate, **rep})
-            if rep["slo_attainment"] >= cfg.peak_attainment:
-                return True
-        return False
+            if rep["slo_attainment"] < cfg.peak_attainment:
+                return False
+        return True
 
     load(url, model, xs, ys, poisson_arrivals(cfg.start_rate, 3.0, seed=123), cfg)  # warm-up
     lo, hi, rate = 0.0, None, float(cfg.start_rate)
@@ -189,7 +190,8 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
                 time.sleep(1.0)
                 rep = {"triage": mode, **load(url, main, xs, ys, arrivals, cfg)}
                 settings = httpx.get(f"{url}/v1/settings").json()[main]
-                rep["triage_changes"] = settings["triage_changes"]  # the last 100, newest last
+                rep["triage_changes"] = [c for c in settings["triage_changes"]  # this run's, newest last
+                                         if c["s_ago"] <= rep["duration_s"] + 1.0]
                 runs.append(rep)
         put(url, main, {"triage": {"mode": "off"}})
         result["burst"] = {"model": main, "base_rate": base, "factor": cfg.burst_factor, "burst_s": cfg.burst_s,

@@ -225,7 +225,8 @@ class ServingEngine:
         # The front end's own delay (seconds), which queue waits cannot see: set by the app to its
         # event-loop lag (serve.frontend.LoopLagMonitor); auto triage treats it as waiting.
         self.front_lag_s: Callable[[], float] = lambda: 0.0
-        self.level_changes: collections.deque[tuple[float, int]] = collections.deque(maxlen=1000)  # bounded: servers run for days
+        # (time, level) of each triage change; bounded, as servers run for days.
+        self.level_changes: collections.deque[tuple[float, int]] = collections.deque(maxlen=1000)
         self._set_level(self._fixed_level())
 
     # ----------------------------------------------------------------------------------- lifecycle

@@ -214,8 +214,9 @@ def report(r: dict[str, Any], cfg: DictConfig) -> None:
     for m, p in r["peaks"].items():
         best = max((q for q in p["probes"] if q["rate"] == p["peak_rps"]), key=lambda q: q["slo_attainment"],
                    default={})
-        rows.append({"model": m, "peak_rps": p["peak_rps"], "peak_inputs_per_s": p["peak_rps"] * cfg.inputs_per_request, "p50_ms": best.get("p50_ms"), "p99_ms": best.get("p99_ms"),
-                     "accuracy": best.get("accuracy"), **{k: v for k, v in r["overhead"].get(m, {}).items()}})
+        rows.append({"model": m, "peak_rps": p["peak_rps"], "peak_inputs_per_s": p["peak_rps"] * cfg.inputs_per_request,
+                     "p50_ms": best.get("p50_ms"), "p99_ms": best.get("p99_ms"), "accuracy": best.get("accuracy"),
+                     **r["overhead"].get(m, {})})
     print("\npeak throughput at the objective, and the serving layer's overhead at low load:")
     print(markdown_table(rows))
     ratio = {m: r["peaks"][m]["peak_rps"] / max(r["peaks"][cfg.models[-1]]["peak_rps"], 1e-9) for m in r["peaks"]}

@@ -504,7 +504,8 @@ class ServingEngine:
         now = time.monotonic()
         return {"batching": asdict(self.batching), "triage": asdict(self.triage), "triage_level": self._level,
                 "batch_limits": list(self._batch_limit),
-                "triage_changes": [{"s_ago": round(now - t, 3), "level": lv} for t, lv in list(self.level_changes)[-100:]]}
+                "triage_changes": [{"s_ago": round(now - t, 3), "level": lv}
+                                   for t, lv in list(self.level_changes)[-100:]]}
 
     def update(self, batching: dict[str, Any] | None = None, triage: dict[str, Any] | None = None) -> dict[str, Any]:
         """Change knobs while serving; unknown keys or bad values raise ``ValueError``."""

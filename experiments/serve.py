@@ -78,8 +78,8 @@ def build_engines(cfg: DictConfig) -> dict[str, ServingEngine]:
     device = pick_device(cfg.get("device", "auto"))
     worker = DeviceWorker(str(device))
     if cfg.get("torch_threads"):
-        # Intra-op threads for the device thread; on a CPU shared with the HTTP front end, fewer than
-        # the cores leaves one for parsing and answering requests.
+        # Intra-op threads; on a CPU shared with the HTTP front end, fewer than the cores leaves one for
+        # parsing and answering requests. Set on the device thread too: OpenMP keeps the count per thread.
         torch.set_num_threads(int(cfg.torch_threads))
         worker.run(torch.set_num_threads, int(cfg.torch_threads))
 

@@ -22,8 +22,8 @@ from omegaconf import DictConfig
 
 import experiments  # noqa: F401
 from experiments.report import markdown_table, write_json
+from experiments.runs import newest_run
 from experiments.utils import run_hydra, user_facing
-from gating.backbones.weights import newest_run
 from gating.errors import UserError
 
 DECIDERS = ("max_prob", "entropy", "learned", "agreement")  # run names end with the decider (configs/decider)

@@ -18,8 +18,8 @@ from torchvision import models as tvm
 import experiments  # noqa: F401
 from experiments.report import machine_info, markdown_table, write_json
 from experiments.utils import run_hydra
-from gating import create_model
 from gating.cost import analytic_flops, build_cost_table, count_flops
+from models import create_model
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="bench/flops.yaml")

@@ -33,6 +33,8 @@ from omegaconf import DictConfig, OmegaConf
 import experiments  # noqa: F401
 from experiments.data import batches_to_tensor
 from experiments.report import machine_info, markdown_table, write_json
+from experiments.runs import load_run
+from experiments.serve import ENGINE_KEYS, model_entries
 from experiments.utils import run_hydra, user_facing
 from gating.errors import UserError
 from serve.loadgen import burst_arrivals, poisson_arrivals, run_load
@@ -106,7 +108,7 @@ def find_peak(url: str, model: str, xs: list, ys: list, cfg: DictConfig) -> tupl
     return lo, probes
 
 
-def overhead(url: str, model: str, servable_cfg: DictConfig, xs: torch.Tensor, n: int) -> dict[str, float]:
+def overhead(url: str, model: str, entry: dict[str, Any], xs: torch.Tensor, n: int) -> dict[str, float]:
     """What the serving path adds to the model's own time, one input per request, one request at a time (p50).
 
     Each answer carries ``compute_ms``, the time the model itself ran on its batches inside the server,
@@ -116,13 +118,13 @@ def overhead(url: str, model: str, servable_cfg: DictConfig, xs: torch.Tensor, n
     included). ``direct_p50_ms`` is the model called in this process, for reference: it runs in a
     different process from the server's, so it differs from ``compute_ms`` by more than noise.
     """
-    servable = instantiate(servable_cfg, name=model)
+    adapter = load_run(name=model, **{k: v for k, v in entry.items() if k not in ENGINE_KEYS})
     direct = []
     with torch.inference_mode():
         for i in range(n):
             x = xs[i % len(xs)][None]
             t0 = time.perf_counter()
-            servable.run(x)
+            adapter.run(x)
             direct.append((time.perf_counter() - t0) * 1e3)
     rows = []
     with httpx.Client(base_url=url, timeout=10) as client:
@@ -164,9 +166,8 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     try:
         models = httpx.get(f"{url}/v1/models").json()["models"]
         result["models"] = models
-        serve_cfg = OmegaConf.load(Path(cfg.paths.output_dir) / "server" / ".hydra" / "config.yaml")
-        result["overhead"] = {m: overhead(url, m, serve_cfg.models[m], x, cfg.overhead_requests)
-                              for m in cfg.models}
+        served = model_entries(OmegaConf.load(Path(cfg.paths.output_dir) / "server" / ".hydra" / "config.yaml"))
+        result["overhead"] = {m: overhead(url, m, served[m], x, cfg.overhead_requests) for m in cfg.models}
         peaks = {}
         for m in cfg.models:
             peak, probes = find_peak(url, m, xs, ys, cfg)

@@ -21,11 +21,10 @@ import torch
 from omegaconf import DictConfig
 
 import experiments  # noqa: F401
-import skipnet  # noqa: F401
 from experiments.report import machine_info, markdown_table, pick_device, write_json
 from experiments.utils import run_hydra
-from gating import create_model
 from gating.cost import measure_interleaved
+from models import create_model
 
 
 def forced_actions(batch: int, blocks: int, skip_rate: float, generator: torch.Generator) -> torch.Tensor:

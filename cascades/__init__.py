@@ -1,12 +1,12 @@
 """IDK cascades (Wang, Crankshaw et al., UAI'18): cheap classifiers answer or say "I don't know" and
-defer to costlier ones; thresholds learned for least expected cost under an accuracy constraint."""
+defer to costlier ones; thresholds learned for least expected cost under an accuracy constraint.
 
-from cascades.model import (CascadeOutput, Ensemble, IDKCascade, StageOutputs, build_cascade, load_cascade_state,
-                            load_stage)
+The Lightning system that learns IDK heads with the cost-aware objective is
+:class:`experiments.systems.IDKCascadeModule`.
+"""
 
-__all__ = ["CascadeOutput", "Ensemble", "IDKCascade", "StageOutputs", "build_cascade", "load_cascade_state",
-           "load_stage"]
+from cascades.adapters import CascadeAdapter
+from cascades.model import CascadeOutput, Ensemble, IDKCascade, StageOutputs, build_cascade, load_cascade_state
 
-from cascades.module import IDKCascadeModule  # noqa: E402
-
-__all__ += ["IDKCascadeModule"]
+__all__ = ["CascadeAdapter", "CascadeOutput", "Ensemble", "IDKCascade", "StageOutputs", "build_cascade",
+           "load_cascade_state"]

@@ -1,28 +1,25 @@
-"""Fitting a cascade to data: per-stage records, temperature scaling, threshold search, verification.
+"""Fitting a cascade to data: per-stage records and temperature scaling, before the threshold search.
 
 The workflow (``experiments.cascade`` runs it):
 
 1. :func:`collect` runs every stage on every sample of a split once (:class:`CascadeRecords`).
 2. :func:`fit_temperatures` scales each stage's logits on the validation split.
 3. :class:`gating.thresholds.ThresholdSearch` picks thresholds on validation records.
-4. :func:`verify` scores the chosen thresholds on test records with confidence intervals.
+4. ``experiments.cascade.verify`` scores the chosen thresholds on test records with confidence intervals.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 
 from cascades.model import Ensemble, IDKCascade
 from gating.calibration import CalibrationReport, calibration_report, fit_temperature
-from gating.cost import StageCosts
-from gating.stats import mean_interval, wilson_interval
-from gating.thresholds import OperatingPoint, ThresholdSearch, exit_stages
 
-__all__ = ["CascadeRecords", "collect", "fit_temperatures", "point_summary", "verify"]
+__all__ = ["CascadeRecords", "collect", "fit_temperatures"]
 
 
 @dataclass
@@ -94,41 +91,3 @@ def fit_temperatures(cascade: IDKCascade, val_batches: Iterable[Any], device: to
         reports.append(calibration_report(flat, y, t, n_bins))
     cascade.set_temperatures(temps)
     return reports
-
-
-def verify(records: CascadeRecords, thresholds: Sequence[float], costs: StageCosts,
-           reference_stage: int, level: float = 0.95) -> dict[str, Any]:
-    """Score thresholds on held-out records: accuracy and expected cost with confidence intervals,
-    and the paired accuracy difference to the reference stage alone."""
-    correct = records.correct
-    n = correct.shape[1]
-    exits = exit_stages(records.confidences(), thresholds)
-    hit = correct[exits, np.arange(n)]
-    per_sample = costs.per_sample(torch.from_numpy(exits))
-    ref = correct[reference_stage]
-    diff = torch.from_numpy(hit.astype(np.float64) - ref.astype(np.float64))
-    op = ThresholdSearch(costs.stage).evaluate(records.confidences(), correct, thresholds)
-    ref_cost = float(sum(costs.stage[: reference_stage + 1]))
-    return {
-        "n": n,
-        "accuracy": float(hit.mean()),
-        "accuracy_ci": list(wilson_interval(int(hit.sum()), n, level)),
-        "reference_accuracy": float(ref.mean()),
-        "accuracy_delta_pts": 100.0 * float(diff.mean()),
-        "accuracy_delta_pts_ci": [100.0 * v for v in mean_interval(diff, level)],
-        "expected_cost": float(per_sample.mean()),
-        "expected_cost_ci": list(mean_interval(per_sample, level)),
-        "reference_cost": ref_cost,
-        "cost_cut_pct": 100.0 * (1.0 - float(per_sample.mean()) / ref_cost) if ref_cost else 0.0,
-        "reach": list(op.reach),
-        "exit": list(op.exit),
-        "confidence_level": level,
-    }
-
-
-def point_summary(op: OperatingPoint, names: Sequence[str]) -> dict[str, Any]:
-    """An operating point as a flat dict keyed by stage names."""
-    d = op.to_dict()
-    d["reach"] = dict(zip(names, op.reach))
-    d["exit"] = dict(zip(names, op.exit))
-    return d

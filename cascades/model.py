@@ -15,13 +15,12 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import torch
 import torch.nn as nn
 
-from gating.backbones.weights import load_pretrained, read_state_dict
 from gating.cost import StageCosts, count_flops
 from gating.errors import UserError
 from gating.execution import run_exits
 from gating.idk import IDKDecider, IDKDecision
 
-__all__ = ["CascadeOutput", "Ensemble", "IDKCascade", "StageOutputs", "build_cascade", "load_stage"]
+__all__ = ["CascadeOutput", "Ensemble", "IDKCascade", "StageOutputs", "build_cascade", "load_cascade_state"]
 
 
 class Ensemble(nn.Module):
@@ -46,14 +45,6 @@ class Ensemble(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.member_logits(x).softmax(-1).mean(0).clamp_min(1e-12).log()
-
-
-def load_stage(net: nn.Module, checkpoint: str | Path | None = None) -> nn.Module:
-    """A stage: ``net`` with its trained weights loaded from ``checkpoint`` (a ``.ckpt``/``.pt`` file,
-    a training run folder, or a folder of runs: the newest), in eval mode."""
-    if checkpoint is not None:
-        load_pretrained(net, str(checkpoint))
-    return net.eval()
 
 
 class StageOutputs(NamedTuple):
@@ -221,8 +212,9 @@ def build_cascade(
         decider: one decider (copied for every boundary), a factory called once per boundary (Hydra
             ``_partial_: true``), or one per boundary.
         thresholds, temperatures: as in :class:`IDKCascade`.
-        checkpoint: a saved cascade (``cascade.pt`` from ``experiments.cascade``, or an IDK-head training
-            run / ``.ckpt``) whose deciders, thresholds and temperatures are loaded.
+        checkpoint: a saved cascade file (``cascade.pt`` from ``experiments.cascade``, or an IDK-head
+            training run's ``.ckpt``) whose deciders, thresholds and temperatures are loaded. (The entry
+            points turn a run folder given here into its checkpoint file.)
         name: the cascade's name.
     """
     if isinstance(stages, Mapping):
@@ -244,21 +236,31 @@ def build_cascade(
 
 
 def load_cascade_state(cascade: IDKCascade, checkpoint: str | Path) -> IDKCascade:
-    """Load deciders, thresholds and temperatures (stages keep their own weights) from a saved cascade."""
-    state = read_state_dict(checkpoint, prefix="cascade.")
-    if any(k.startswith("net.") for k in state):  # an IDKCascadeModule checkpoint holds the cascade as `net`
-        state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+    """Load deciders, thresholds and temperatures (stages keep their own weights) from a saved cascade file:
+    ``cascade.pt`` (keys ``cascade.*``) or an IDK-head training checkpoint (the cascade as ``net.*``)."""
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise UserError(f"saved cascade {str(path)!r} not found: pass the cascade.pt of an experiments.cascade run, "
+                        f"or an IDK-head training run")
+    # Tensors and plain values only; a learned head saved before its first call holds lazy parameters.
+    with torch.serialization.safe_globals([nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer]):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else {}
+    for prefix in ("cascade.", "net."):  # cascade.pt, or an IDKCascadeModule checkpoint (the cascade is its net)
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            break
     keep = {k: v for k, v in state.items() if k.startswith("deciders.") or k in ("thresholds", "temperatures")}
     if not keep:
         raise UserError(f"{str(checkpoint)!r} holds no cascade deciders or thresholds: pass a cascade.pt from "
                         f"experiments.cascade or an IDK-head training run")
     try:
         missing, unexpected = cascade.load_state_dict(keep, strict=False)
-        problems = [f"missing {k}" for k in missing if k.startswith("deciders.")] + [f"unexpected {k}" for k in unexpected]
+        problems = [f"missing {k}" for k in missing if k.startswith("deciders.")]
+        problems += [f"unexpected {k}" for k in unexpected]
     except RuntimeError as e:  # shape mismatches (another number of stages, another head width)
         problems = [line.strip() for line in str(e).splitlines()[1:4]]
     if problems:
         raise UserError(f"cascade state in {str(checkpoint)!r} does not fit this cascade ({'; '.join(problems[:4])}): "
                         f"use the same stages and decider as when it was saved")
     return cascade
-

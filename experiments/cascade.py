@@ -10,14 +10,16 @@ compacted cascade on one large test batch against what its expected cost predict
 
 The run folder gets ``metrics.json``, ``config.yaml``, ``frontier.csv``, ``stages.csv``,
 ``predictions.csv`` (per test sample: label, prediction, exit stage, confidence, FLOPs) and
-``checkpoints/cascade.pt`` (load it with ``cascade.checkpoint=<run folder>/checkpoints/cascade.pt``).
+``checkpoints/cascade.pt``. ``experiments.runs.load_run(<run folder>)`` loads the calibrated cascade
+with its frontier (what the evaluation and the server do).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import hydra
 import numpy as np
@@ -27,15 +29,32 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import experiments  # noqa: F401  (sets PROJECT_ROOT)
-from cascades.calibrate import collect, fit_temperatures, point_summary, verify
+from cascades.calibrate import CascadeRecords, collect, fit_temperatures
 from cascades.model import IDKCascade
 from experiments.data import batches_to_tensor
 from experiments.report import machine_info, markdown_table, pick_device, write_csv
-from experiments.utils import Stopwatch, extras, output_dir, run_hydra, user_facing, write_run_record
+from experiments.runs import CHECKPOINTS, output_dir, write_run_record
+from experiments.stats import mean_interval, wilson_interval
+from experiments.utils import Stopwatch, extras, run_hydra, user_facing
+from gating.calibration import CalibrationReport
 from gating.cost import StageCosts, measure_interleaved
-from gating.thresholds import ThresholdSearch, accuracy_floor, exit_stages
+from gating.thresholds import OperatingPoint, ThresholdSearch, accuracy_floor, exit_stages
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Fitted:
+    """A cascade fitted on val: temperatures, records of both splits, stage costs and the chosen point."""
+
+    calibration: list[CalibrationReport]
+    val: CascadeRecords
+    test: CascadeRecords
+    costs: StageCosts
+    reference: int
+    search: ThresholdSearch
+    floor: float
+    point: OperatingPoint
 
 
 @user_facing
@@ -43,12 +62,35 @@ def run_cascade(cfg: DictConfig) -> dict[str, Any]:
     """Calibrate, search, verify and time the configured cascade; returns the run record."""
     pl.seed_everything(cfg.seed, workers=True)
     device = pick_device(cfg.get("device", "auto"))
-    watch = Stopwatch()
+    watch, out = Stopwatch(), output_dir()
     datamodule = instantiate(cfg.data)
     cascade: IDKCascade = instantiate(cfg.cascade).to(device).eval()
-    out = output_dir()
-    names = cascade.names
+    fit = fit_cascade(cfg, cascade, datamodule, device, watch)
+    cascade.set_thresholds(fit.point.thresholds)
+    result = verify(fit.test, fit.point.thresholds, fit.costs, fit.reference, cfg.confidence_level)
+    frontier = trace_frontier(cfg, fit, cascade.names)
+    # Wall time of the compacted cascade on one big test batch against the expected-cost prediction.
+    latency = measure_wall_time(cascade, datamodule, device, fit.point.reach, cfg.latency) \
+        if cfg.latency.enabled else None
+    stage_rows = _stage_rows(cascade, fit)
+    ckpt = write_outputs(out, cascade, fit, stage_rows, frontier)
+    record = {
+        "task": cfg.task_name, "run_name": cfg.get("run_name"), "output_dir": str(out), "cascade": cascade.name,
+        "stages": stage_rows, "stage_flops": fit.costs.to_dict(), "reference_stage": cascade.names[fit.reference],
+        "operating_point": {"val": point_summary(fit.point, cascade.names), "test": result},
+        "calibration": [c.__dict__ for c in fit.calibration], "frontier": frontier, "latency": latency,
+        "metrics": _metrics(fit, result, latency), "checkpoints": {"cascade": str(ckpt)}, "timings": watch.times,
+        "machine": machine_info(device),
+    }
+    write_run_record(cfg, record)
+    print_summary(record)
+    return record
 
+
+def fit_cascade(cfg: DictConfig, cascade: IDKCascade, datamodule: Any, device: torch.device,
+                watch: Stopwatch) -> Fitted:
+    """Temperature scaling per stage (val), every stage on every sample of val and test, and the exact
+    least-cost thresholds whose val accuracy is within ``search.epsilon`` of the reference stage's."""
     with watch("calibrate_s"):
         calib = fit_temperatures(cascade, datamodule.val_dataloader(), device, cfg.calibration.n_bins) \
             if cfg.calibration.temperature_scaling else []
@@ -56,9 +98,7 @@ def run_cascade(cfg: DictConfig) -> dict[str, Any]:
         val = collect(cascade, datamodule.val_dataloader(), device)
         test = collect(cascade, datamodule.test_dataloader(), device)
     example = next(iter(datamodule.test_dataloader()))[0][:1].to(device)
-    costs: StageCosts = cascade.stage_costs(example)
-
-    # ---- thresholds on validation
+    costs = cascade.stage_costs(example)
     val_acc = val.stage_accuracy()
     ref = int(np.argmax(val_acc)) if cfg.search.reference == "best" else cascade.num_stages - 1
     search = ThresholdSearch(costs.stage, max_candidates=cfg.search.max_candidates)
@@ -68,39 +108,72 @@ def run_cascade(cfg: DictConfig) -> dict[str, Any]:
     if not op.feasible:
         log.warning("no thresholds reach validation accuracy %.4f; using the most accurate found (%.4f)", floor,
                     op.accuracy)
-    cascade.set_thresholds(op.thresholds)
-    result = verify(test, op.thresholds, costs, ref, cfg.confidence_level)
+    return Fitted(calib, val, test, costs, ref, search, floor, op)
 
-    # ---- the frontier: one operating point per epsilon, scored on val and test
-    frontier = []
+
+def trace_frontier(cfg: DictConfig, fit: Fitted, names: Sequence[str]) -> list[dict[str, Any]]:
+    """One operating point per epsilon of ``search.frontier_epsilons``, chosen on val, scored on test."""
+    rows = []
+    ref_acc = fit.val.stage_accuracy()[fit.reference]
     for eps in cfg.search.frontier_epsilons:
-        p = search.fit(val.confidences(), val.correct, accuracy_floor(val_acc[ref], eps, cfg.search.relative))
-        t = verify(test, p.thresholds, costs, ref, cfg.confidence_level)
-        frontier.append({"epsilon": eps, "feasible": p.feasible, "thresholds": p.to_dict()["thresholds"],
-                         "val_acc": p.accuracy, "val_gflops_per_img": p.expected_cost / 1e9,
-                         "test_acc": t["accuracy"], "test_gflops_per_img": t["expected_cost"] / 1e9,
-                         "test_cost_cut_pct": t["cost_cut_pct"],
-                         **{f"test_exit_{n}": e for n, e in zip(names, t["exit"])}})
+        p = fit.search.fit(fit.val.confidences(), fit.val.correct, accuracy_floor(ref_acc, eps, cfg.search.relative))
+        t = verify(fit.test, p.thresholds, fit.costs, fit.reference, cfg.confidence_level)
+        rows.append({"epsilon": eps, "feasible": p.feasible, "thresholds": p.to_dict()["thresholds"],
+                     "val_acc": p.accuracy, "val_gflops_per_img": p.expected_cost / 1e9,
+                     "test_acc": t["accuracy"], "test_gflops_per_img": t["expected_cost"] / 1e9,
+                     "test_cost_cut_pct": t["cost_cut_pct"], **{f"test_exit_{n}": e for n, e in zip(names, t["exit"])}})
+    return rows
 
-    # ---- wall time of the compacted cascade on one big test batch against the expected-cost prediction
-    latency = measure_wall_time(cascade, datamodule, device, op.reach, test, cfg.latency) \
-        if cfg.latency.enabled else None
 
-    # ---- records
-    test_exits = exit_stages(test.confidences(), op.thresholds)
-    write_predictions(out / "predictions.csv", test, test_exits, costs)
-    stage_rows = [{"stage": n, "gflops_per_img": c / 1e9, "val_acc": va, "test_acc": ta,
-                   "temperature": float(cascade.temperatures[k]),
-                   "val_ece_before": calib[k].ece_before if calib else None,
-                   "val_ece_after": calib[k].ece_after if calib else None}
-                  for k, (n, c, va, ta) in enumerate(zip(names, costs.stage, val_acc, test.stage_accuracy()))]
-    write_csv(out / "stages.csv", stage_rows)
-    write_csv(out / "frontier.csv", frontier)
-    ckpt = out / "checkpoints" / "cascade.pt"
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": {f"cascade.{k}": v for k, v in cascade.state_dict().items()},
-                "names": list(names), "thresholds": op.to_dict()["thresholds"]}, ckpt)
+def verify(records: CascadeRecords, thresholds: Sequence[float], costs: StageCosts,
+           reference_stage: int, level: float = 0.95) -> dict[str, Any]:
+    """Score thresholds on held-out records: accuracy and expected cost with confidence intervals,
+    and the paired accuracy difference to the reference stage alone."""
+    correct = records.correct
+    n = correct.shape[1]
+    exits = exit_stages(records.confidences(), thresholds)
+    hit = correct[exits, np.arange(n)]
+    per_sample = costs.per_sample(torch.from_numpy(exits))
+    ref = correct[reference_stage]
+    diff = torch.from_numpy(hit.astype(np.float64) - ref.astype(np.float64))
+    op = ThresholdSearch(costs.stage).evaluate(records.confidences(), correct, thresholds)
+    ref_cost = float(sum(costs.stage[: reference_stage + 1]))
+    return {
+        "n": n,
+        "accuracy": float(hit.mean()),
+        "accuracy_ci": list(wilson_interval(int(hit.sum()), n, level)),
+        "reference_accuracy": float(ref.mean()),
+        "accuracy_delta_pts": 100.0 * float(diff.mean()),
+        "accuracy_delta_pts_ci": [100.0 * v for v in mean_interval(diff, level)],
+        "expected_cost": float(per_sample.mean()),
+        "expected_cost_ci": list(mean_interval(per_sample, level)),
+        "reference_cost": ref_cost,
+        "cost_cut_pct": 100.0 * (1.0 - float(per_sample.mean()) / ref_cost) if ref_cost else 0.0,
+        "reach": list(op.reach),
+        "exit": list(op.exit),
+        "confidence_level": level,
+    }
 
+
+def point_summary(op: OperatingPoint, names: Sequence[str]) -> dict[str, Any]:
+    """An operating point as a flat dict keyed by stage names."""
+    d = op.to_dict()
+    d["reach"] = dict(zip(names, op.reach))
+    d["exit"] = dict(zip(names, op.exit))
+    return d
+
+
+def _stage_rows(cascade: IDKCascade, fit: Fitted) -> list[dict[str, Any]]:
+    calib = fit.calibration
+    return [{"stage": n, "gflops_per_img": c / 1e9, "val_acc": va, "test_acc": ta,
+             "temperature": float(cascade.temperatures[k]),
+             "val_ece_before": calib[k].ece_before if calib else None,
+             "val_ece_after": calib[k].ece_after if calib else None}
+            for k, (n, c, va, ta) in enumerate(zip(cascade.names, fit.costs.stage, fit.val.stage_accuracy(),
+                                                   fit.test.stage_accuracy()))]
+
+
+def _metrics(fit: Fitted, result: dict[str, Any], latency: dict[str, Any] | None) -> dict[str, float]:
     metrics = {
         "test/acc": result["accuracy"],
         "test/acc_ci_low": result["accuracy_ci"][0],
@@ -110,38 +183,33 @@ def run_cascade(cfg: DictConfig) -> dict[str, Any]:
         "test/gflops_per_img_ci_low": result["expected_cost_ci"][0] / 1e9,
         "test/gflops_per_img_ci_high": result["expected_cost_ci"][1] / 1e9,
         "test/flops_cut_pct": result["cost_cut_pct"],
-        "val/acc": op.accuracy,
-        "val/acc_floor": floor,
-        "val/gflops_per_img": op.expected_cost / 1e9,
+        "val/acc": fit.point.accuracy,
+        "val/acc_floor": fit.floor,
+        "val/gflops_per_img": fit.point.expected_cost / 1e9,
         "reference/test_acc": result["reference_accuracy"],
         "reference/gflops_per_img": result["reference_cost"] / 1e9,
     }
     if latency:
         metrics.update({f"latency/{k}": v for k, v in latency.items() if isinstance(v, (int, float))})
-    record = {
-        "task": cfg.task_name,
-        "run_name": cfg.get("run_name"),
-        "output_dir": str(out),
-        "cascade": cascade.name,
-        "stages": stage_rows,
-        "stage_flops": costs.to_dict(),
-        "reference_stage": names[ref],
-        "operating_point": {"val": point_summary(op, names), "test": result},
-        "calibration": [c.__dict__ for c in calib],
-        "frontier": frontier,
-        "latency": latency,
-        "metrics": metrics,
-        "checkpoints": {"cascade": str(ckpt)},
-        "timings": watch.times,
-        "machine": machine_info(device),
-    }
-    write_run_record(cfg, record)
-    print_summary(record)
-    return record
+    return metrics
+
+
+def write_outputs(out: Path, cascade: IDKCascade, fit: Fitted, stage_rows: list[dict[str, Any]],
+                  frontier: list[dict[str, Any]]) -> Path:
+    """``predictions.csv``, ``stages.csv``, ``frontier.csv`` and ``checkpoints/cascade.pt``; returns the latter."""
+    test_exits = exit_stages(fit.test.confidences(), fit.point.thresholds)
+    write_predictions(out / "predictions.csv", fit.test, test_exits, fit.costs)
+    write_csv(out / "stages.csv", stage_rows)
+    write_csv(out / "frontier.csv", frontier)
+    ckpt = out / CHECKPOINTS / "cascade.pt"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {f"cascade.{k}": v for k, v in cascade.state_dict().items()},
+                "names": list(cascade.names), "thresholds": fit.point.to_dict()["thresholds"]}, ckpt)
+    return ckpt
 
 
 def measure_wall_time(cascade: IDKCascade, datamodule: Any, device: torch.device, reach_val: tuple[float, ...],
-                      test: Any, cfg: DictConfig) -> dict[str, Any]:
+                      cfg: DictConfig) -> dict[str, Any]:
     """Time the compacted cascade on one batch of ``cfg.batch_size`` test images against its prediction.
 
     The prediction is what the expected cost says the batch takes: ``sum_k T_k(n * P(reach k))``, stage
@@ -156,42 +224,44 @@ def measure_wall_time(cascade: IDKCascade, datamodule: Any, device: torch.device
         log.warning("the test split has %d images, fewer than latency.batch_size=%d", n, cfg.batch_size)
     with torch.no_grad():
         exits = cascade(x).exit_stage.cpu()
-    k_stages = cascade.num_stages
-    batch_reach = [float((exits >= i).float().mean()) for i in range(k_stages)]
-
-    def stage_fn(k: int, rows: int):
-        xs = x[:rows]
-
-        def run() -> None:
-            _, probs, features = cascade.run_stage(k, xs)
-            if k < k_stages - 1:
-                cascade.decide(k, probs, features)
-        return run
-
+    batch_reach = [float((exits >= i).float().mean()) for i in range(cascade.num_stages)]
     expected_rows = [max(1, round(n * r)) if r > 0 else 0 for r in reach_val]
     batch_rows = [max(1, round(n * r)) if r > 0 else 0 for r in batch_reach]
     fns: dict[str, Any] = {"cascade": lambda: cascade(x)}
     for k, name in enumerate(cascade.names):
-        fns[f"full:{name}"] = stage_fn(k, n)
-        for tag, rows in (("expected", expected_rows[k]), ("batch", batch_rows[k])):
+        fns[f"full:{name}"] = _timed_stage(cascade, k, x)
+        for rows in (expected_rows[k], batch_rows[k]):
             if rows and f"rows{rows}:{name}" not in fns:
-                fns[f"rows{rows}:{name}"] = stage_fn(k, rows)
+                fns[f"rows{rows}:{name}"] = _timed_stage(cascade, k, x[:rows])
     stats = measure_interleaved(fns, device, warmup=cfg.warmup, repeats=cfg.repeats, max_seconds=cfg.max_seconds)
+    return _wall_time_summary(cascade.names, stats, n, device, expected_rows, batch_rows, batch_reach)
 
+
+def _timed_stage(cascade: IDKCascade, k: int, xs: torch.Tensor):
+    """Stage ``k`` with its IDK decision on ``xs``, as one timed call."""
+    def run() -> None:
+        _, probs, features = cascade.run_stage(k, xs)
+        if k < cascade.num_stages - 1:
+            cascade.decide(k, probs, features)
+    return run
+
+
+def _wall_time_summary(names: Sequence[str], stats: dict[str, Any], n: int, device: torch.device,
+                       expected_rows: list[int], batch_rows: list[int], batch_reach: list[float]) -> dict[str, Any]:
     def predict(rows: list[int]) -> float:
-        return sum(stats[f"rows{r}:{name}"].median_ms for r, name in zip(rows, cascade.names) if r)
+        return sum(stats[f"rows{r}:{name}"].median_ms for r, name in zip(rows, names) if r)
 
     predicted, predicted_batch = predict(expected_rows), predict(batch_rows)
     measured = stats["cascade"].median_ms
-    last_alone = stats[f"full:{cascade.names[-1]}"].median_ms
+    last_alone = stats[f"full:{names[-1]}"].median_ms
     return {
         "batch_size": n,
         "device": str(device),
-        "expected_rows": dict(zip(cascade.names, expected_rows)),
-        "batch_rows": dict(zip(cascade.names, batch_rows)),
-        "stage_full_batch_ms": {name: stats[f"full:{name}"].median_ms for name in cascade.names},
+        "expected_rows": dict(zip(names, expected_rows)),
+        "batch_rows": dict(zip(names, batch_rows)),
+        "stage_full_batch_ms": {name: stats[f"full:{name}"].median_ms for name in names},
         "stage_expected_rows_ms": {name: stats[f"rows{r}:{name}"].median_ms if r else 0.0
-                                   for r, name in zip(expected_rows, cascade.names)},
+                                   for r, name in zip(expected_rows, names)},
         "last_stage_alone_ms": last_alone,
         "measured_ms": measured,
         "measured_p10_ms": stats["cascade"].p10_ms,

@@ -18,7 +18,8 @@ from omegaconf import DictConfig
 
 import experiments  # noqa: F401
 from experiments.report import machine_info, markdown_table, pick_device, write_json
-from experiments.utils import output_dir, run_hydra, user_facing
+from experiments.runs import output_dir
+from experiments.utils import run_hydra, user_facing
 from gating.cost import analytic_flops, build_cost_table, count_flops, profile_blocks
 
 log = logging.getLogger(__name__)

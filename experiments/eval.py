@@ -24,8 +24,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import experiments  # noqa: F401
-from experiments.utils import (extras, instantiate_list, metrics_dict, output_dir, resolve_checkpoint, run_hydra,
-                               user_facing, write_run_record)
+from experiments.runs import output_dir, resolve_checkpoint, write_run_record
+from experiments.utils import extras, instantiate_list, metrics_dict, run_hydra, user_facing
 from gating.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ import hydra
 from omegaconf import DictConfig
 
 import experiments  # noqa: F401  (sets PROJECT_ROOT)
-from experiments.utils import output_dir, run_hydra, user_facing
-from gating.backbones.weights import newest_run
+from experiments.runs import newest_run, output_dir
+from experiments.utils import run_hydra, user_facing
 from gating.errors import UserError
 
 log = logging.getLogger(__name__)

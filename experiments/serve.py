@@ -5,18 +5,18 @@
     python -m experiments.serve batching.adaptive=true triage.mode=auto port=8080
     python -m serve.cli triage auto --model cascade               # switch triage while serving
 
-Each entry of ``models`` builds a servable from a finished run folder (cascade, SkipNet or static).
-Before serving, every triage level of every model is run on the validation split and its accuracy and
-GFLOPs per image are published at ``GET /v1/models``. The same engine runs on a GPU when
-``device=auto`` finds one.
+Which models are served is a preset of the ``served`` group (``configs/served/{mnist,digits}.yaml``):
+name -> a run reference (:func:`experiments.runs.load_run`: a cascade, SkipNet or plain training run)
+with its options, and optionally the model's own ``batching`` and ``triage`` knobs over the global
+ones. Before serving, every operating point of every model is run on the validation split and its
+accuracy and GFLOPs per image are published as the model's triage levels at ``GET /v1/models``. The
+same engine runs on a GPU when ``device=auto`` finds one.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -25,53 +25,49 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import experiments  # noqa: F401  (sets PROJECT_ROOT)
-import skipnet  # noqa: F401  (registers the SkipNet models)
 from experiments.data import batches_to_tensor
-from experiments.evaluation.methods import cascade_from_run, skipnet_from_run, static_from_run
 from experiments.report import pick_device
+from experiments.runs import load_run
 from experiments.utils import extras, run_hydra, user_facing
-from gating.backbones.weights import find_run
+from gating.adapters import ModelAdapter, price_points
 from serve.engine import BatchingConfig, DeviceWorker, EngineMetrics, ServingEngine, TriageConfig
-from serve.servable import CascadeServable, Servable, SkipNetServable, StaticServable, TriageLevel, measure_levels
 
 log = logging.getLogger(__name__)
 
-
-def _shape_and_classes(run: str | Path) -> tuple[tuple[int, ...], int]:
-    cfg = OmegaConf.load(find_run(run) / "config.yaml")
-    d = cfg.data
-    return (int(d.in_chans), int(d.image_size), int(d.image_size)), int(d.num_classes)
+ENGINE_KEYS = ("batching", "triage")  # per-model knobs in a served entry; the rest goes to load_run
 
 
-def cascade_servable(name: str, run: str, levels_from_frontier: bool = True) -> CascadeServable:
-    """A calibrated cascade; triage levels are its frontier's cheaper operating points, then first-stage only."""
-    method = cascade_from_run(name, run)
-    shape, classes = _shape_and_classes(run)
-    levels = [TriageLevel(0, {"thresholds": [float(t) for t in method.cascade.thresholds.tolist()]})]
-    if levels_from_frontier:
-        for p in method.points[1:]:
-            levels.append(TriageLevel(len(levels), {"thresholds": p["thresholds"], "from": p["label"]}))
-    return CascadeServable(name, method.cascade, shape, classes, levels)
+def model_entries(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """The served models as plain dicts (null entries dropped)."""
+    return {name: OmegaConf.to_container(node, resolve=True) for name, node in cfg.models.items() if node}
 
 
-def skipnet_servable(name: str, run: str, thresholds: Sequence[float] = (0.6, 0.7, 0.8)) -> SkipNetServable:
-    """A SkipNet; triage level ``i`` raises the gate threshold to ``thresholds[i - 1]`` (more skipping)."""
-    method = skipnet_from_run(name, run)
-    shape, classes = _shape_and_classes(run)
-    base = float(method.net.threshold)
-    levels = [TriageLevel(0, {"threshold": base})] + [
-        TriageLevel(i + 1, {"threshold": float(t)}) for i, t in enumerate(t for t in thresholds if t > base)]
-    return SkipNetServable(name, method.net, shape, classes, levels)
+def load_models(cfg: DictConfig, device: torch.device) -> list[ModelAdapter]:
+    """Each served model on ``device``, warmed up, its operating points priced on val when asked."""
+    models = [load_run(name=name, **{k: v for k, v in entry.items() if k not in ENGINE_KEYS})
+              for name, entry in model_entries(cfg).items()]
+    val = batches_to_tensor(instantiate(cfg.data).val_dataloader()) if cfg.measure_levels else None
+    for m in models:
+        m.to(device)
+        m.run(torch.zeros(1, *m.input_shape, device=device))  # cost tables and lazy layers, before any request
+        if val is not None:
+            price_points(m, *val)
+            for i, p in enumerate(m.triage_levels()):
+                log.info("%s triage level %d (%s): val acc %.4f, %.5f GFLOPs/img", m.name, i, p.label, p.val_acc,
+                         p.val_gflops_per_img)
+    return models
 
 
-def static_servable(name: str, run: str) -> StaticServable:
-    method = static_from_run(name, run)
-    shape, classes = _shape_and_classes(run)
-    return StaticServable(name, method.net, shape, classes)
+def engine_settings(cfg: DictConfig, name: str) -> tuple[BatchingConfig, TriageConfig]:
+    """The global batching and triage knobs, with the model's own over them."""
+    entry = model_entries(cfg)[name]
+    batching = {**OmegaConf.to_container(cfg.batching, resolve=True), **(entry.get("batching") or {})}
+    triage = {**OmegaConf.to_container(cfg.triage, resolve=True), **(entry.get("triage") or {})}
+    return BatchingConfig(**batching), TriageConfig(**triage)
 
 
 def build_engines(cfg: DictConfig) -> dict[str, ServingEngine]:
-    """Servables from the config on the device, triage levels measured on val; one engine each.
+    """One engine per served model, on the configured device.
 
     Every tensor computation, loading included, runs on the one device thread the engines share.
     """
@@ -82,24 +78,9 @@ def build_engines(cfg: DictConfig) -> dict[str, ServingEngine]:
         # parsing and answering requests. Set on the device thread too: OpenMP keeps the count per thread.
         torch.set_num_threads(int(cfg.torch_threads))
         worker.run(torch.set_num_threads, int(cfg.torch_threads))
-
-    def build() -> list[Servable]:
-        servables: list[Servable] = [instantiate(node, name=name) for name, node in cfg.models.items() if node]
-        val = batches_to_tensor(instantiate(cfg.data).val_dataloader()) if cfg.measure_levels else None
-        for s in servables:
-            for v in vars(s).values():
-                if isinstance(v, torch.nn.Module):
-                    v.to(device).eval()
-            if val is not None:
-                for lv in measure_levels(s, *val):
-                    log.info("%s triage level %d: val acc %.4f, %.5f GFLOPs/img", s.name, lv.level, lv.val_acc,
-                             lv.val_gflops_per_img)
-        return servables
-
     metrics = EngineMetrics.create()
-    return {s.name: ServingEngine(s, BatchingConfig(**cfg.batching), TriageConfig(**cfg.triage), device, metrics,
-                                  worker)
-            for s in worker.run(build)}
+    return {m.name: ServingEngine(m, *engine_settings(cfg, m.name), device, metrics, worker)
+            for m in worker.run(load_models, cfg, device)}
 
 
 def build_app(cfg: DictConfig):

@@ -21,7 +21,8 @@ from omegaconf import DictConfig, ListConfig
 
 import experiments  # noqa: F401
 from experiments.report import markdown_table, write_json
-from experiments.utils import output_dir, run_hydra, user_facing
+from experiments.runs import output_dir
+from experiments.utils import run_hydra, user_facing
 from gating.errors import UserError
 
 

@@ -14,14 +14,21 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import LearningRateMonitor
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from pytorch_lightning.callbacks import LearningRateMonitor
 
 import experiments  # noqa: F401  (sets PROJECT_ROOT)
-import skipnet  # noqa: F401  (registers the SkipNet models)
-from experiments.utils import (Stopwatch, count_parameters, extras, instantiate_list, metrics_dict, output_dir,
-                               run_config, run_hydra, user_facing, write_run_record)
+from experiments.runs import output_dir, run_config, write_run_record
+from experiments.utils import (
+    Stopwatch,
+    count_parameters,
+    extras,
+    instantiate_list,
+    metrics_dict,
+    run_hydra,
+    user_facing,
+)
 
 log = logging.getLogger(__name__)
 

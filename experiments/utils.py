@@ -1,40 +1,48 @@
-"""What every entry point shares: error reporting, instantiation of lists, run records."""
+"""What every entry point shares: error reporting, config preparation, instantiation of lists, timings.
+
+Run folders and records are :mod:`experiments.runs`.
+"""
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import sys
 import time
 import warnings
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from hydra.errors import (ConfigCompositionException, InstantiationException, MissingConfigException,
-                          OverrideParseException)
+from hydra.errors import (
+    ConfigCompositionException,
+    InstantiationException,
+    MissingConfigException,
+    OverrideParseException,
+)
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from gating.backbones.weights import resolve_checkpoint  # noqa: F401  (re-exported for entry points)
+from experiments.runs import pin_references
 from gating.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
 def user_facing(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
-    """Run ``task``; a mistake the user can fix ends with one line on stderr and exit status 2.
+    """Run ``task`` on the prepared config; a mistake the user can fix ends with one line on stderr and
+    exit status 2.
 
-    Also closes a wandb run whatever happens, so a crashed sweep job does not hang the next one.
+    The config is prepared first (:func:`experiments.runs.pin_references`: renamed targets upgraded,
+    run references pinned to the run or checkpoint they stand for). A wandb run is closed whatever
+    happens, so a crashed sweep job does not hang the next one.
     """
 
     @functools.wraps(task)
     def wrapped(cfg: DictConfig) -> Any:
         try:
-            return task(cfg)
+            return task(pin_references(cfg))
         except (UserError, InstantiationException, FileNotFoundError) as e:
             msg = explain(e)
             if msg is None:
@@ -112,41 +120,6 @@ def instantiate_list(node: DictConfig | None) -> list[Any]:
     if not node:
         return []
     return [instantiate(c) for c in node.values() if isinstance(c, DictConfig) and "_target_" in c]
-
-
-def output_dir() -> Path:
-    from hydra.core.hydra_config import HydraConfig
-
-    return Path(HydraConfig.get().runtime.output_dir)
-
-
-def run_config(cfg: DictConfig) -> dict[str, Any]:
-    """The run's resolved config as plain containers, without Hydra's own node."""
-    return {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-            for k, v in cfg.items() if k != "hydra"}
-
-
-def write_run_record(cfg: DictConfig, record: dict[str, Any], out: Path | None = None) -> Path:
-    """Write the resolved config (``config.yaml``) and ``metrics.json`` into the run folder."""
-    out = out or output_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(run_config(cfg)))
-    path = out / "metrics.json"
-    path.write_text(json.dumps(_jsonable(record), indent=2, sort_keys=True))
-    log.info("run record: %s", path)
-    return path
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return x.item() if x.numel() == 1 else x.tolist()
-    if isinstance(x, Path):
-        return str(x)
-    return x
 
 
 def metrics_dict(*sources: dict[str, Any]) -> dict[str, float]:

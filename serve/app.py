@@ -27,7 +27,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import torch
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -159,7 +159,29 @@ def create_app(engines: dict[str, ServingEngine], max_body_bytes: int = 8 << 20,
     ``lag_interval_ms``, also feeds every engine's auto triage and the ``serve_event_loop_lag_seconds``
     metric.
     """
+    missing = [n for n, e in engines.items() if e.model.input_shape is None]
+    if missing:
+        raise ValueError(f"models {missing} have no input_shape: give their adapters one (load_run reads it from "
+                         f"the run's data config)")
     monitor = LoopLagMonitor(lag_interval_ms / 1e3)
+    registries = {id(e.metrics.registry): e.metrics for e in engines.values()}
+
+    def count_shed() -> None:
+        for m in registries.values():
+            m.shed.inc()
+
+    app = FastAPI(title="adaptive-inference serving", version="0.1.0", lifespan=_lifespan(engines, monitor))
+    app.state.loop_lag = monitor
+    app.add_middleware(FrontDoor, max_body_bytes=max_body_bytes, monitor=monitor, shed_lag_ms=shed_lag_ms,
+                       on_shed=count_shed)
+    app.add_exception_handler(RequestValidationError, _bad_request)
+    app.include_router(_model_routes(engines, max_inputs, normalize or {}))
+    app.include_router(_operation_routes(engines))
+    return app
+
+
+def _lifespan(engines: dict[str, ServingEngine], monitor: LoopLagMonitor):
+    """Start the lag monitor and the engines with the app; drain the engines when it stops."""
     registries = {id(e.metrics.registry): e.metrics for e in engines.values()}
 
     @asynccontextmanager
@@ -175,33 +197,32 @@ def create_app(engines: dict[str, ServingEngine], max_body_bytes: int = 8 << 20,
             await e.stop(drain=True)
         await monitor.stop()
 
-    def count_shed() -> None:
-        for m in registries.values():
-            m.shed.inc()
+    return lifespan
 
-    app = FastAPI(title="adaptive-inference serving", version="0.1.0", lifespan=lifespan)
-    app.state.loop_lag = monitor
-    app.add_middleware(FrontDoor, max_body_bytes=max_body_bytes, monitor=monitor, shed_lag_ms=shed_lag_ms,
-                       on_shed=count_shed)
 
-    @app.exception_handler(RequestValidationError)
-    async def bad_request(request: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        if any(e.get("type") == "json_invalid" for e in errors):
-            return JSONResponse({"detail": "malformed JSON body"}, status_code=400)
-        return JSONResponse({"detail": [{"loc": e.get("loc"), "msg": e.get("msg")} for e in errors]},
-                            status_code=422)
+async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return JSONResponse({"detail": "malformed JSON body"}, status_code=400)
+    return JSONResponse({"detail": [{"loc": e.get("loc"), "msg": e.get("msg")} for e in errors]}, status_code=422)
 
-    def engine_of(name: str) -> ServingEngine:
-        if name not in engines:
-            raise HTTPException(404, f"no model {name!r}; models: {sorted(engines)}")
-        return engines[name]
 
-    @app.post("/v1/models/{name}/predict")
+def _engine_of(engines: dict[str, ServingEngine], name: str) -> ServingEngine:
+    if name not in engines:
+        raise HTTPException(404, f"no model {name!r}; models: {sorted(engines)}")
+    return engines[name]
+
+
+def _model_routes(engines: dict[str, ServingEngine], max_inputs: int,
+                  normalize: dict[str, tuple[list[float], list[float]]]) -> APIRouter:
+    """Predict and the model list."""
+    router = APIRouter()
+
+    @router.post("/v1/models/{name}/predict")
     async def predict(name: str, req: PredictRequest) -> dict[str, Any]:
-        engine = engine_of(name)
-        x = _to_tensor(req, engine.servable.input_shape, max_inputs)
-        if req.images is not None and normalize and name in normalize:
+        engine = _engine_of(engines, name)
+        x = _to_tensor(req, engine.model.input_shape, max_inputs)
+        if req.images is not None and name in normalize:
             mean, std = normalize[name]
             x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
         try:
@@ -216,36 +237,43 @@ def create_app(engines: dict[str, ServingEngine], max_body_bytes: int = 8 << 20,
                 a["correct"] = a["label"] == y if a["label"] is not None else None
         return {"model": name, "outputs": out}
 
-    @app.get("/v1/models")
+    @router.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"models": [e.servable.describe() for e in engines.values()]}
+        return {"models": [e.describe() for e in engines.values()]}
 
-    @app.get("/v1/settings")
+    return router
+
+
+def _operation_routes(engines: dict[str, ServingEngine]) -> APIRouter:
+    """Run-time settings, health, readiness and Prometheus metrics."""
+    router = APIRouter()
+
+    @router.get("/v1/settings")
     async def settings() -> dict[str, Any]:
         return {name: e.settings() for name, e in engines.items()}
 
-    @app.put("/v1/settings/{name}")
+    @router.put("/v1/settings/{name}")
     async def update_settings(name: str, body: SettingsUpdate) -> dict[str, Any]:
-        engine = engine_of(name)
+        engine = _engine_of(engines, name)
         try:
             return engine.update(body.batching, body.triage)
         except (ValueError, TypeError) as e:
             raise HTTPException(422, str(e)) from None
 
-    @app.get("/healthz")
+    @router.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @router.get("/readyz")
     async def readyz() -> Response:
         ready = all(e.ready for e in engines.values())
         return JSONResponse({"ready": ready, "models": {n: e.ready for n, e in engines.items()}},
                             status_code=200 if ready else 503)
 
-    @app.get("/metrics")
+    @router.get("/metrics")
     async def metrics() -> Response:
         registries = {id(e.metrics.registry): e.metrics.registry for e in engines.values()}
         body = b"".join(generate_latest(r) for r in registries.values())
         return PlainTextResponse(body, media_type=CONTENT_TYPE_LATEST)
 
-    return app
+    return router

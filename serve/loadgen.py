@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 import aiohttp
 import numpy as np
 
-__all__ = ["LoadReport", "burst_arrivals", "poisson_arrivals", "run_load"]
+__all__ = ["LoadReport", "burst_arrivals", "encode_bodies", "poisson_arrivals", "run_load", "summarize"]
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 SHED = (429, 503)  # refused by the server under load (full queue, or shedding): counted as rejected
@@ -89,9 +89,30 @@ async def run_load(url: str, model: str, inputs: Sequence[list], labels: Sequenc
     """
     if encoding not in ("json", "b64"):
         raise ValueError(f"encoding must be json or b64, got {encoding!r}")
-    k = inputs_per_request
+    host = urlparse(url).hostname
+    if host not in LOOPBACK:
+        raise ValueError(f"the load generator only targets loopback, not {host!r}")
     # Encode the bodies before the clock starts: the generator must not be the bottleneck it measures.
-    cache: dict[int, bytes] = {}  # request i starts at input (i * k) % n: few distinct bodies
+    bodies = encode_bodies(inputs, labels, len(arrivals), inputs_per_request, encoding, deadline_ms)
+    path = f"{url.rstrip('/')}/v1/models/{model}/predict"
+    # No cyclic GC while measuring: a full collection over this process (torch included) paused the
+    # client for 100-220 ms on 2 cores, delaying sends and answers alike. The run's garbage is freed after.
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        results, duration = await _send_all(path, bodies, arrivals, inputs_per_request, timeout_s, max_connections)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return summarize(results, arrivals, duration, slo_ms)
+
+
+def encode_bodies(inputs: Sequence[list], labels: Sequence[int] | None, n_requests: int, inputs_per_request: int,
+                  encoding: str, deadline_ms: float | None) -> list[bytes]:
+    """The JSON body of every request; request ``i`` carries the inputs from ``(i * k) % n`` on."""
+    k = inputs_per_request
+    cache: dict[int, bytes] = {}  # few distinct bodies
 
     def body_of(i: int) -> bytes:
         start = (i * k) % len(inputs)
@@ -109,54 +130,50 @@ async def run_load(url: str, model: str, inputs: Sequence[list], labels: Sequenc
             cache[start] = json.dumps(body).encode()
         return cache[start]
 
-    bodies = [body_of(i) for i in range(len(arrivals))]
-    host = urlparse(url).hostname
-    if host not in LOOPBACK:
-        raise ValueError(f"the load generator only targets loopback, not {host!r}")
+    return [body_of(i) for i in range(n_requests)]
+
+
+async def _send_all(path: str, bodies: list[bytes], arrivals: Sequence[float], k: int, timeout_s: float,
+                    max_connections: int) -> tuple[list[dict[str, Any]], float]:
+    """Send each body at its arrival time, whatever earlier ones are doing; one result per input."""
     results: list[dict[str, Any]] = []
+    headers = {"content-type": "application/json"}
     # aiohttp, not httpx: the generator shares the cores with the server it measures, and httpx's
     # connection pool costs more CPU per request as concurrency grows, which turned every overload
     # into a collapse of the client itself.
     connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=max_connections)
-    client_timeout = aiohttp.ClientTimeout(total=timeout_s)
-    path = f"{url.rstrip('/')}/v1/models/{model}/predict"
-    headers = {"content-type": "application/json"}
-    # No cyclic GC while measuring: a full collection over this process (torch included) paused the
-    # client for 100-220 ms on 2 cores, delaying sends and answers alike. The run's garbage is freed after.
-    gc_was_enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        async with aiohttp.ClientSession(connector=connector, timeout=client_timeout) as session:
-            start = time.perf_counter()
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+        start = time.perf_counter()
 
-            async def one(i: int) -> None:
-                # Latency counts from the scheduled send time: a late client must not hide the wait.
-                t0 = start + arrivals[i]
-                try:
-                    async with session.post(path, data=bodies[i], headers=headers) as r:
-                        payload = await r.read()
-                    ms = (time.perf_counter() - t0) * 1e3
-                    if r.status == 200:
-                        for a in json.loads(payload)["outputs"]:
-                            results.append({"code": 200, "ms": ms, "status": a["status"], "degraded": a["degraded"],
-                                            "correct": a.get("correct")})
-                    else:
-                        results.extend({"code": r.status, "ms": ms} for _ in range(k))
-                except (aiohttp.ClientError, asyncio.TimeoutError):
-                    results.extend({"code": -1, "ms": (time.perf_counter() - t0) * 1e3} for _ in range(k))
+        async def one(i: int) -> None:
+            # Latency counts from the scheduled send time: a late client must not hide the wait.
+            t0 = start + arrivals[i]
+            try:
+                async with session.post(path, data=bodies[i], headers=headers) as r:
+                    payload = await r.read()
+                ms = (time.perf_counter() - t0) * 1e3
+                if r.status == 200:
+                    for a in json.loads(payload)["outputs"]:
+                        results.append({"code": 200, "ms": ms, "status": a["status"], "degraded": a["degraded"],
+                                        "correct": a.get("correct")})
+                else:
+                    results.extend({"code": r.status, "ms": ms} for _ in range(k))
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                results.extend({"code": -1, "ms": (time.perf_counter() - t0) * 1e3} for _ in range(k))
 
-            tasks = []
-            for i, t in enumerate(arrivals):
-                delay = start + t - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(one(i)))
-            await asyncio.gather(*tasks)
-            duration = time.perf_counter() - start
-    finally:
-        if gc_was_enabled:
-            gc.enable()
+        tasks = []
+        for i, t in enumerate(arrivals):
+            delay = start + t - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*tasks)
+        return results, time.perf_counter() - start
+
+
+def summarize(results: list[dict[str, Any]], arrivals: Sequence[float], duration: float,
+              slo_ms: float) -> LoadReport:
+    """The report of one run from its per-input results."""
     ok = [r for r in results if r["code"] == 200 and r["status"] == "ok"]
     lat = np.array([r["ms"] for r in ok]) if ok else np.array([np.nan])
     met = sum(1 for r in ok if r["ms"] <= slo_ms)

@@ -1,10 +1,11 @@
-"""SkipNet: gated ResNets that skip residual blocks per input, trained by supervised pre-training and
-hybrid reinforcement learning, executed with real skipping at inference."""
+"""SkipNet: gated ResNets that skip residual blocks per input (Wang et al., ECCV'18), executed with real
+skipping at inference, and their adapters for evaluation and serving.
 
+The registry's builders (``skipnet38_cifar``, ...) are in :mod:`models.skipnet`; the Lightning system
+that trains them (supervised pre-training, hybrid RL) is :class:`experiments.systems.SkipNetModule`.
+"""
+
+from skipnet.adapters import RandomSkipAdapter, SkipNetAdapter
 from skipnet.models import GATES, SkipOutput, SkipResNet
 
-__all__ = ["GATES", "SkipOutput", "SkipResNet"]
-
-from skipnet.module import SkipNetModule  # noqa: E402
-
-__all__ += ["SkipNetModule"]
+__all__ = ["GATES", "RandomSkipAdapter", "SkipNetAdapter", "SkipOutput", "SkipResNet"]

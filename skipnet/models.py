@@ -17,14 +17,11 @@ Two ways to execute the same decisions:
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
 
-from gating.backbones.registry import create_model, register_model
-from gating.backbones.weights import load_pretrained
 from gating.cost import CostTable, build_cost_table
 from gating.execution import blend, identity, run_rows
 from gating.gates import FFGateI, FFGateII, RNNGate
@@ -69,11 +66,12 @@ class SkipResNet(nn.Module):
         gate: a gate module, or a factory called with ``channels=[...]`` (one entry per gate position),
             as Hydra's ``_partial_`` gate configs give.
         threshold: execute a block when its gate's probability exceeds this (inference and SP).
-        pretrained: a local checkpoint or run folder of a whole SkipResNet to load.
+
+    Build one with weights through the registry (:func:`models.create_model` ``"skipnet38_cifar"``) or
+    :func:`models.skipnet.skipnet_from_backbone`.
     """
 
-    def __init__(self, backbone: nn.Module, gate: nn.Module | Callable[..., nn.Module], threshold: float = 0.5,
-                 pretrained: str | None = None) -> None:
+    def __init__(self, backbone: nn.Module, gate: nn.Module | Callable[..., nn.Module], threshold: float = 0.5) -> None:
         super().__init__()
         self.backbone = backbone
         self._blocks = list(backbone.blocks())  # a plain list: the modules are registered by the backbone
@@ -83,7 +81,6 @@ class SkipResNet(nn.Module):
         self.in_chans = getattr(backbone, "in_chans", None)
         self.num_features = backbone.num_features
         self.threshold = threshold
-        load_pretrained(self, pretrained)
 
     @property
     def num_blocks(self) -> int:
@@ -134,26 +131,8 @@ class SkipResNet(nn.Module):
         executed = [x.new_ones(batch)]
         probs, log_probs = [], []
         for i in range(1, self.num_blocks):
-            if actions is not None and not run_gates:
-                a = actions[:, i].to(x.dtype)
-                d = GateDecision(a, a, a)
-            elif actions is not None:
-                logit, state = self.gate(x, i - 1, state)
-                a = actions[:, i].to(logit.dtype)
-                d = GateDecision(a, a, torch.sigmoid(logit))
-            else:
-                logit, state = self.gate(x, i - 1, state)
-                d = decide(logit, mode, thr)
-            block = self._blocks[i]
-            if execution == "masked":
-                x = blend(block(x), shortcut(block, x), d.gate)
-            elif execution == "skip":
-                ds = getattr(block, "downsample", None)
-                # In inference the previous block's output is not needed again: update it in place.
-                x = run_rows(block, identity if ds is None else ds, x, d.action > 0.5,
-                             inplace=not torch.is_grad_enabled())
-            else:
-                raise ValueError(f"execution must be 'masked' or 'skip', got {execution!r}")
+            d, state = self._decide(i, x, state, mode, thr, actions, run_gates)
+            x = self._run_block(self._blocks[i], x, d, execution)
             executed.append(d.action)
             probs.append(d.prob)
             if d.log_prob is not None:
@@ -161,6 +140,29 @@ class SkipResNet(nn.Module):
         logits = self.backbone.forward_head(x)
         return SkipOutput(logits, torch.stack(executed, 1), torch.stack(probs, 1),
                           torch.stack(log_probs, 1) if log_probs else None)
+
+    def _decide(self, i: int, x: torch.Tensor, state, mode: str, threshold: float, actions: torch.Tensor | None,
+                run_gates: bool) -> tuple[GateDecision, object]:
+        """Block ``i``'s decision for the batch: the gate's (``mode``), or forced ``actions``."""
+        if actions is not None and not run_gates:
+            a = actions[:, i].to(x.dtype)
+            return GateDecision(a, a, a), state
+        logit, state = self.gate(x, i - 1, state)
+        if actions is not None:
+            a = actions[:, i].to(logit.dtype)
+            return GateDecision(a, a, torch.sigmoid(logit)), state
+        return decide(logit, mode, threshold), state
+
+    @staticmethod
+    def _run_block(block: nn.Module, x: torch.Tensor, d: GateDecision, execution: str) -> torch.Tensor:
+        if execution == "masked":
+            return blend(block(x), shortcut(block, x), d.gate)
+        if execution == "skip":
+            ds = getattr(block, "downsample", None)
+            # In inference the previous block's output is not needed again: update it in place.
+            return run_rows(block, identity if ds is None else ds, x, d.action > 0.5,
+                            inplace=not torch.is_grad_enabled())
+        raise ValueError(f"execution must be 'masked' or 'skip', got {execution!r}")
 
     def _forward_one(self, x: torch.Tensor, threshold: float, actions: torch.Tensor | None,
                      run_gates: bool) -> SkipOutput:
@@ -195,65 +197,3 @@ class SkipResNet(nn.Module):
             self, example_input, blocks=[(paths[b], b) for b in self._blocks], gates=["gate"],
             forward=lambda inp: self(inp, mode="greedy", execution="skip", actions=all_on.to(inp.device)),
         )
-
-
-def _skipnet(backbone_name: str, gate: str = "rnn", num_classes: int = 10, in_chans: int = 3,
-             pretrained: str | None = None, backbone_pretrained: str | None = None, threshold: float = 0.5,
-             **gate_kwargs) -> SkipResNet:
-    if gate not in GATES:
-        from gating.errors import UserError
-
-        raise UserError(f"unknown gate {gate!r}; one of {sorted(GATES)}")
-    backbone = create_model(backbone_name, num_classes=num_classes, in_chans=in_chans, pretrained=backbone_pretrained)
-    return SkipResNet(backbone, partial(GATES[gate], **gate_kwargs), threshold=threshold, pretrained=pretrained)
-
-
-@register_model
-def skipnet20_cifar(**kwargs) -> SkipResNet:
-    """SkipNet-20 (CIFAR-style ResNet-20, 9 blocks): small, for the digits recipe and tests."""
-    return _skipnet("resnet20_cifar", **kwargs)
-
-
-@register_model
-def skipnet38_cifar(**kwargs) -> SkipResNet:
-    """SkipNet-38 (CIFAR-style ResNet-38, 18 blocks); ``gate`` in rnn/ffgate1/ffgate2."""
-    return _skipnet("resnet38_cifar", **kwargs)
-
-
-@register_model
-def skipnet74_cifar(**kwargs) -> SkipResNet:
-    """SkipNet-74 (36 blocks)."""
-    return _skipnet("resnet74_cifar", **kwargs)
-
-
-@register_model
-def skipnet110_cifar(**kwargs) -> SkipResNet:
-    """SkipNet-110 (54 blocks)."""
-    return _skipnet("resnet110_cifar", **kwargs)
-
-
-@register_model
-def skipnet152_cifar(**kwargs) -> SkipResNet:
-    """SkipNet-152 (75 blocks), SkipNet's SVHN model."""
-    return _skipnet("resnet152_cifar", **kwargs)
-
-
-@register_model
-def skipnet34(**kwargs) -> SkipResNet:
-    """SkipNet over torchvision ResNet-34."""
-    kwargs.setdefault("num_classes", 1000)
-    return _skipnet("resnet34", **kwargs)
-
-
-@register_model
-def skipnet50(**kwargs) -> SkipResNet:
-    """SkipNet over torchvision ResNet-50."""
-    kwargs.setdefault("num_classes", 1000)
-    return _skipnet("resnet50", **kwargs)
-
-
-@register_model
-def skipnet101(**kwargs) -> SkipResNet:
-    """SkipNet over torchvision ResNet-101 (the paper's ImageNet headline)."""
-    kwargs.setdefault("num_classes", 1000)
-    return _skipnet("resnet101", **kwargs)

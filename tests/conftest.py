@@ -95,6 +95,6 @@ def digits_runs(tmp_path_factory):
         cfg.device = "cpu"
         cfg.latency.repeats = 2
     for node in cfg.cascade.stages.values():  # compose_config re-points log_dir after interpolation
-        node.checkpoint = str(logs / "train" / "runs" / node.checkpoint.split("/")[-1])
+        node.run = str(logs / "train" / "runs" / node.run.split("/")[-1])
     run_cascade(cfg)
     return logs

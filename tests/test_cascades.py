@@ -10,15 +10,18 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cascades import Ensemble, IDKCascade, IDKCascadeModule, build_cascade, load_cascade_state
-from cascades.calibrate import collect, fit_temperatures, verify
-from gating import UserError, create_model
+from cascades import Ensemble, IDKCascade, build_cascade, load_cascade_state
+from cascades.calibrate import collect, fit_temperatures
+from experiments.cascade import verify
+from experiments.stats import mean_interval, wilson_interval
+from experiments.systems import IDKCascadeModule
+from gating import UserError
 from gating.calibration import expected_calibration_error, fit_temperature
 from gating.cost import count_flops
 from gating.execution import run_exits
 from gating.idk import AgreementIDK, EntropyIDK, LearnedIDK, MaxProbIDK
-from gating.stats import mean_interval, wilson_interval
 from gating.thresholds import ThresholdSearch, exit_stages
+from models import create_model
 
 
 def _stages(seed: int = 0) -> dict[str, nn.Module]:

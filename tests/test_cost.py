@@ -6,9 +6,19 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gating import create_model
-from gating.cost import (CostTable, analytic_flops, block_modules, build_cost_table, conv2d_flops, count_flops,
-                         flops_by_module, linear_flops, measure_latency, profile_blocks)
+from gating.cost import (
+    CostTable,
+    analytic_flops,
+    block_modules,
+    build_cost_table,
+    conv2d_flops,
+    count_flops,
+    flops_by_module,
+    linear_flops,
+    measure_latency,
+    profile_blocks,
+)
+from models import create_model
 
 
 def test_conv_flops_by_hand():

@@ -10,10 +10,12 @@ import torch
 from omegaconf import open_dict
 
 from experiments.evaluation.difficulty import confidence_buckets, ladder_buckets, score_buckets
-from experiments.evaluation.methods import RandomSkipMethod, SkipNetMethod, StaticMethod
 from experiments.evaluation.report import bucket_table, cost_trend
 from experiments.evaluation.run import compare
-from gating import UserError, create_model
+from gating import UserError
+from gating.adapters import StaticAdapter
+from models import create_model
+from skipnet import RandomSkipAdapter, SkipNetAdapter
 from tests.conftest import compose_config
 
 
@@ -37,16 +39,16 @@ def test_ladder_and_quantile_buckets(tmp_path):
 def test_methods_report_exact_flops_and_what_ran():
     torch.manual_seed(0)
     x = torch.randn(12, 1, 8, 8)
-    static = StaticMethod("r20", create_model("resnet20_cifar", num_classes=10, in_chans=1))
+    static = StaticAdapter(create_model("resnet20_cifar", num_classes=10, in_chans=1), name="r20")
     out = static.run(x)
     assert torch.all(out.flops == out.flops[0]) and out.exit_stage is None
     sk = create_model("skipnet20_cifar", num_classes=10, in_chans=1).eval()
-    m = SkipNetMethod("sk", sk, thresholds=[0.9])
+    m = SkipNetAdapter(sk, thresholds=[0.9], name="sk")
     with torch.no_grad():
         o = m.run(x)
     table = sk.cost_table(x[:1])
     assert torch.allclose(o.flops, table.per_sample(o.executed))
-    rnd = RandomSkipMethod("rnd", sk, seed=0)
+    rnd = RandomSkipAdapter(sk, seed=0, name="rnd")
     with pytest.raises(UserError, match="no rates"):
         rnd.run(x)
     rnd.match(torch.tensor([[1.0] * 9, [1.0] + [0.0] * 8]))  # block 0 always; others half the time
@@ -116,7 +118,7 @@ def test_evaluation_names_a_missing_run(tmp_path):
 
 
 def test_serve_builds_the_digits_models_and_prices_triage(digits_runs, tmp_path):
-    """experiments.serve builds servables from the run folders and measures every triage level on val."""
+    """experiments.serve loads the models from the run folders and measures every triage level on val."""
     from experiments.serve import build_engines
 
     cfg = compose_config("serve.yaml", ["experiment=digits_serve"], tmp_path)
@@ -128,8 +130,8 @@ def test_serve_builds_the_digits_models_and_prices_triage(digits_runs, tmp_path)
     engines = build_engines(cfg)
     assert set(engines) == {"cascade", "skipnet20", "resnet20"}
     for e in engines.values():
-        levels = e.servable.levels
+        levels = e.levels
         assert all(lv.val_acc is not None for lv in levels)
         costs = [lv.val_gflops_per_img for lv in levels]
         assert costs == sorted(costs, reverse=True) and len(set(costs)) == len(costs)  # each level cheaper
-    assert engines["cascade"].servable.levels[-1].settings["thresholds"][0] == float("-inf")
+    assert engines["cascade"].levels[-1].settings["thresholds"][0] == float("-inf")

@@ -13,6 +13,7 @@ from omegaconf import open_dict
 from experiments.train import train
 from tests.conftest import ROOT, compose_config, shrink
 from tests.helpers.fake_data import write_cifar, write_image_folder, write_mnist_full, write_svhn
+from tests.helpers.fake_runs import write_stage_runs
 
 ALL_EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
 # Experiments of `python -m experiments.cascade` (tests/test_cascade_run.py); the rest are training runs.
@@ -45,9 +46,10 @@ def _fake_data_for(cfg, tmp_path: Path) -> None:
             cfg.data.val_size = 2
         cfg.data.batch_size = 4
         cfg.data.eval_batch_size = 4
-        if "cascade" in cfg:  # random stages instead of trained runs (ensemble members included)
+        if "cascade" in cfg:  # untrained runs for the stages (ensemble members included)
+            write_stage_runs(cfg, Path(cfg.paths.log_dir))
             stages = list(cfg.cascade.stages.values())
-            while stages:
+            while stages:  # weights from outside a run (torchvision's ImageNet files): random ones instead
                 stage = stages.pop()
                 if "checkpoint" in stage:
                     stage.checkpoint = None

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gating import UserError, create_model, is_model, list_models
-from gating.backbones.cifar_resnet import CifarResNet
+from gating import UserError
+from models import create_model, is_model, list_models
+from models.cifar_resnet import CifarResNet
 
 # The static backbones (SkipNet's gated models are tested in test_skipnet.py: they return a SkipOutput).
 BACKBONES = [n for n in list_models() if not n.startswith("skipnet")]

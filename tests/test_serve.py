@@ -18,21 +18,23 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from cascades import build_cascade
-from gating import create_model
+from cascades import CascadeAdapter, build_cascade
+from gating.adapters import ModelAdapter, Point, StageResult, price_points
 from gating.idk import MaxProbIDK
+from models import create_model
 from serve.app import create_app
 from serve.engine import BatchingConfig, EngineClosed, QueueFull, ServingEngine, TriageConfig
 from serve.loadgen import burst_arrivals, poisson_arrivals, run_load
-from serve.servable import CascadeServable, Servable, StageResult, TriageLevel, measure_levels
 
 
-class FakeCascade(Servable):
-    """Two stages; stage 0 answers rows whose first value is >= 0 (at level >= 1: every row).
+class FakeCascade(ModelAdapter):
+    """Two stages; stage 0 answers rows whose first value is >= 0 (at triage level >= 1: every row).
     Records the size of every batch per stage, and sleeps ``delay_s`` per batch."""
 
+    kind = "cascade"
+
     def __init__(self, delay_s: float = 0.0) -> None:
-        super().__init__("fake", "cascade", (3,), 2, [TriageLevel(0, {}), TriageLevel(1, {})])
+        super().__init__("fake", [Point("default"), Point("first_stage", {"first_stage": True})], (3,), 2)
         self.delay_s = delay_s
         self.batches: list[tuple[int, int]] = []
 
@@ -40,11 +42,15 @@ class FakeCascade(Servable):
     def num_stages(self) -> int:
         return 2
 
-    def stage(self, k: int, x: torch.Tensor, level: int = 0) -> StageResult:
+    def modules(self) -> list[torch.nn.Module]:
+        return []
+
+    def stage(self, k: int, x: torch.Tensor, point=None) -> StageResult:
         self.batches.append((k, len(x)))
         if self.delay_s:
             time.sleep(self.delay_s)
-        done = torch.ones(len(x), dtype=torch.bool) if k == 1 or level >= 1 else x[:, 0] >= 0
+        first_stage = self.point(point).settings.get("first_stage", False)
+        done = torch.ones(len(x), dtype=torch.bool) if k == 1 or first_stage else x[:, 0] >= 0
         logits = torch.stack([x[:, 1], -x[:, 1]], 1)
         return StageResult(done, logits, torch.full((len(x),), 10.0 * (k + 1), dtype=torch.float64), None, x)
 
@@ -81,7 +87,7 @@ def test_cascade_servable_answers_as_the_cascade_does():
     stages = {"lin": create_model("linear", num_classes=10, in_chans=1, image_size=8),
               "cnn": create_model("tiny_cnn", num_classes=10, in_chans=1, width=4)}
     cascade = build_cascade(stages, MaxProbIDK(), thresholds=[0.15]).eval()
-    servable = CascadeServable("c", cascade, (1, 8, 8), 10)
+    servable = CascadeAdapter(cascade, name="c", input_shape=(1, 8, 8), num_classes=10)
     x = torch.randn(30, 1, 8, 8)
     with torch.no_grad():
         want = cascade(x)
@@ -99,7 +105,8 @@ def test_cascade_servable_answers_as_the_cascade_does():
     costs = cascade.stage_costs(x)
     assert [a.flops for a in got] == costs.per_sample(want.exit_stage).tolist()
     # Triage levels: the calibrated thresholds, then first-stage only; both priced on labelled data.
-    levels = measure_levels(servable, x, want.logits.argmax(-1))
+    price_points(servable, x, want.logits.argmax(-1))
+    levels = servable.triage_levels()
     assert levels[0].val_acc == 1.0 and levels[-1].settings["thresholds"] == [-math.inf]
     assert levels[-1].val_gflops_per_img == pytest.approx(costs.stage[0] / 1e9)
 
@@ -211,8 +218,9 @@ def _app(max_queue: int = 4096, delay_s: float = 0.0, shed_lag_ms: float | None 
     stages = {"lin": create_model("linear", num_classes=10, in_chans=1, image_size=8),
               "cnn": create_model("tiny_cnn", num_classes=10, in_chans=1, width=4)}
     cascade = build_cascade(stages, MaxProbIDK(), thresholds=[0.15]).eval()
-    engines = {"cascade": ServingEngine(CascadeServable("cascade", cascade, (1, 8, 8), 10),
-                                        BatchingConfig(max_batch_size=16, max_delay_ms=1, max_queue=max_queue)),
+    adapter = CascadeAdapter(cascade, name="cascade", input_shape=(1, 8, 8), num_classes=10)
+    batching = BatchingConfig(max_batch_size=16, max_delay_ms=1, max_queue=max_queue)
+    engines = {"cascade": ServingEngine(adapter, batching),
                "fake": ServingEngine(FakeCascade(delay_s), BatchingConfig(max_batch_size=2, max_delay_ms=0,
                                                                           max_queue=max_queue, slo_ms=10000))}
     return create_app(engines, max_body_bytes=200_000, max_inputs=64, shed_lag_ms=shed_lag_ms)
@@ -423,3 +431,57 @@ def test_clients_that_disconnect_get_nothing_and_the_server_goes_on():
     # the request cut off in its body never reached the engine.
     assert 'serve_answers_total{model="fake",status="ok"} 7.0' in metrics
     assert 'serve_queue_depth{model="fake",stage="0"} 0.0' in metrics
+
+
+# ------------------------------------------------------------------------------------------ pure parts
+def test_triage_controller_without_an_event_loop():
+    from serve.triage import TriageController
+
+    c = TriageController(TriageConfig(mode="auto", hold_s=1.0, step_s=0.5), num_levels=3, slo_ms=100, now=0.0)
+    assert c.level == 0
+    assert c.observe(now=1.0, wait_ms=50) == 1      # over 0.3 x 100 ms: up one level
+    assert c.observe(now=1.2, wait_ms=50) == 1      # at most one raise per step_s
+    assert c.observe(now=1.6, wait_ms=50) == 2
+    assert c.observe(now=2.0, wait_ms=90) == 2      # the top level holds
+    assert c.observe(now=2.1, wait_ms=20) == 2      # between the two fractions: not calm
+    assert c.observe(now=2.2, wait_ms=5) == 2       # calm starts
+    assert c.observe(now=3.1, wait_ms=5) == 2       # not yet hold_s
+    assert c.observe(now=3.3, wait_ms=5) == 1       # hold_s of calm: down one
+    assert c.observe(now=4.4, wait_ms=5) == 0
+    assert [lv for _, lv in c.changes] == [0, 1, 2, 1, 0]
+    assert c.history(now=5.0)[-1] == {"s_ago": 0.6, "level": 0}
+    c.configure(TriageConfig(mode="on", level=7), slo_ms=100, now=5.0)  # clamped to the top level
+    assert c.level == 2 and c.observe(now=6.0, wait_ms=500) == 2
+    c.configure(TriageConfig(mode="off"), slo_ms=100, now=7.0)
+    assert c.level == 0
+
+
+def test_adaptive_batch_limit_without_an_event_loop():
+    from serve.batching import AdaptiveBatchLimit
+
+    fixed = AdaptiveBatchLimit(BatchingConfig(max_batch_size=8))
+    assert fixed.after_batch(8, 1.0) == 8  # not adaptive: always the maximum
+    lim = AdaptiveBatchLimit(BatchingConfig(max_batch_size=10, adaptive=True, target_batch_ms=20))
+    assert lim.after_batch(10, 0.030) == 9     # too slow: 10% fewer
+    assert lim.after_batch(9, 0.010) == 10     # a full batch under target: one more
+    assert lim.after_batch(10, 0.010) == 10    # capped by max_batch_size
+    assert lim.after_batch(3, 0.010) == 10     # a batch that was not full says nothing
+    for _ in range(40):
+        lim.after_batch(lim.limit, 1.0)
+    assert lim.limit == 1                      # never below one row
+    lim.configure(BatchingConfig(max_batch_size=4, adaptive=False))
+    assert lim.limit == 4
+    with pytest.raises(ValueError, match="finite"):
+        BatchingConfig(slo_ms=float("nan")).validate()
+
+
+def test_each_model_has_its_own_batching_settings(tmp_path):
+    from experiments.serve import engine_settings
+    from tests.conftest import compose_config
+
+    cfg = compose_config("serve.yaml", ["+models.resnet38.batching.max_batch_size=128",
+                                        "+models.resnet38.triage.mode=auto", "batching.max_batch_size=16"], tmp_path)
+    b, t = engine_settings(cfg, "resnet38")
+    assert (b.max_batch_size, t.mode, b.slo_ms) == (128, "auto", cfg.batching.slo_ms)
+    b, t = engine_settings(cfg, "cascade")
+    assert (b.max_batch_size, t.mode) == (16, "off")

@@ -8,10 +8,11 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-import skipnet  # noqa: F401  (registers the models)
+from experiments.runs import pin_references, resolve_checkpoint
 from experiments.train import train
-from gating import create_model
 from gating.cost import count_flops
+from models import create_model
+from models.skipnet import skipnet_from_backbone
 from skipnet import SkipResNet
 from tests.conftest import compose_config, shrink
 
@@ -153,11 +154,14 @@ def test_stages_chain_by_checkpoints(tmp_path):
                                  "model.reward_cost=flops", "model.baseline=true",
                                  f"model.net.pretrained={tmp_path / 'sp'}"])
     base_w = torch.load(base["checkpoints"]["best"], weights_only=True)["state_dict"]
-    sp_start = create_model("skipnet20_cifar", in_chans=1, backbone_pretrained=str(tmp_path / "base"))
+    # The entry points hand builders the checkpoint a run folder stands for.
+    sp_start = create_model("skipnet20_cifar", in_chans=1, backbone_pretrained=resolve_checkpoint(tmp_path / "base"))
     assert torch.equal(sp_start.backbone.conv1.weight, base_w["net.conv1.weight"])
     sp_w = torch.load(sp["checkpoints"]["best"], weights_only=True)["state_dict"]
-    rl_start = SkipResNet(create_model("resnet20_cifar", in_chans=1),
-                          create_model("skipnet20_cifar", in_chans=1).gate, pretrained=str(tmp_path / "sp"))
+    rl_start = skipnet_from_backbone(create_model("resnet20_cifar", in_chans=1),
+                                     create_model("skipnet20_cifar", in_chans=1).gate,
+                                     pretrained=resolve_checkpoint(tmp_path / "sp"))
+    assert isinstance(rl_start, SkipResNet)
     assert torch.equal(rl_start.gate.proj.weight, sp_w["net.gate.proj.weight"])
     for key in ("test/acc", "test/gflops_per_img", "test/computation_pct", "test/blocks_per_img",
                 "test/exec_rate/block_01", "val/gflops_per_img"):
@@ -171,7 +175,12 @@ def test_stages_chain_by_checkpoints(tmp_path):
 def test_missing_previous_stage_is_one_clear_error(tmp_path):
     from gating import UserError
 
-    with pytest.raises(UserError, match="no checkpoint"):
+    (tmp_path / "runs").mkdir()
+    cfg = compose_config("train.yaml", ["model=skipnet20", f"model.net.backbone.pretrained={tmp_path / 'runs'}"],
+                         tmp_path / "out")
+    with pytest.raises(UserError, match="no checkpoint"):  # what every entry point does before building
+        pin_references(cfg)
+    with pytest.raises(UserError, match="a folder"):  # a builder takes files only, and says so
         create_model("skipnet20_cifar", backbone_pretrained=str(tmp_path))
 
 

@@ -13,8 +13,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from experiments.evaluation.difficulty import Buckets
+from experiments.report import markdown_table
 
-__all__ = ["bucket_table", "cost_trend", "pareto_table", "plot_all"]
+__all__ = ["BUCKET_COLUMNS", "PARETO_COLUMNS", "bucket_table", "cost_trend", "pareto_table", "plot_all",
+           "print_report", "render_report", "trend_statements"]
+
+BUCKET_COLUMNS = ["method", "bucket", "count", "acc", "gflops_mean", "gflops_p95", "blocks_mean", "exit_shares",
+                  "batch1_ms_p50", "batch1_ms_p95", "batch_share_ms_mean"]
+PARETO_COLUMNS = ["method", "point", "acc", "acc_delta_pts", "gflops_per_img", "flops_cut_pct", "batch_ms_per_img",
+                  "speedup", "batch1_ms_p50", "blocks_per_img", "exit_shares"]
 
 
 def _pct(v: np.ndarray, q: float) -> float:
@@ -142,3 +149,46 @@ def plot_all(points: Sequence[dict[str, Any]], table: Sequence[dict[str, Any]], 
     plt.close(fig)
     paths.append(out / "bucket_cost.png")
     return paths
+
+
+# ----------------------------------------------------------------------------------------- rendering
+def trend_statements(trend: dict[str, dict[str, Any]]) -> list[str]:
+    """One sentence per dynamic method on how its cost follows difficulty (a flat or falling sequence
+    is said to be so)."""
+    return [
+        f"{m}: mean GFLOPs per image {'rises' if t['monotone_rising'] else 'does NOT rise'} monotonically from the "
+        f"easiest to the hardest bucket ({' -> '.join(f'{c:.4g}' for c in t['gflops_by_bucket'])}; hardest/easiest "
+        f"{t['hardest_over_easiest']:.2f}x)"
+        + "".join(f"; set aside, {b} ({v['count']} inputs no model gets right): {v['gflops_mean']:.4g}"
+                  for b, v in t["set_aside"].items())
+        for m, t in trend.items()]
+
+
+def _columns(rows: Sequence[dict[str, Any]], wanted: Sequence[str]) -> list[str]:
+    return [c for c in wanted if any(r.get(c) is not None for r in rows)]
+
+
+def render_report(head: dict[str, Any], tables: dict[str, Any], statements: Sequence[str],
+                  plots: Sequence[Path]) -> str:
+    """``report.md``: the per-bucket table, the cost statements, the operating points and the plots."""
+    return "\n".join([
+        f"# Evaluation: {head['run_name']}", "",
+        f"Test inputs: {head['n']}. Difficulty: {head['difficulty']}. Device: {head['device']}. "
+        f"Batch size {head['batch_size']}.", "",
+        "## Per difficulty bucket (main operating point of each method)", "",
+        markdown_table(tables["buckets"], _columns(tables["buckets"], BUCKET_COLUMNS)), "",
+        "## Cost by difficulty", "", *[f"- {s}" for s in statements], "",
+        "## Operating points", "",
+        markdown_table(tables["pareto"], _columns(tables["pareto"], PARETO_COLUMNS)), "",
+        "## Plots", "", *[f"![{p.stem}]({p.name})" for p in plots], "",
+    ])
+
+
+def print_report(buckets: Buckets, tables: dict[str, Any], statements: Sequence[str], out: Path) -> None:
+    """The same tables on stdout."""
+    print(f"\nper difficulty bucket ({buckets.definition}):")
+    print(markdown_table(tables["buckets"], _columns(tables["buckets"], BUCKET_COLUMNS)))
+    print("\n" + "\n".join(statements))
+    print("\noperating points:")
+    print(markdown_table(tables["pareto"], _columns(tables["pareto"], PARETO_COLUMNS)))
+    print(f"\nreport, records and plots: {out}")

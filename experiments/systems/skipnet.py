@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
-from gating.classifier import ClassifierModule
+from experiments.systems.classifier import ClassifierModule
 from gating.cost import CostTable
-from gating.reinforce import (bernoulli_entropy, policy_gradient_loss, returns_to_go, skip_rewards,
-                              update_baseline)
+from gating.reinforce import bernoulli_entropy, policy_gradient_loss, returns_to_go, skip_rewards, update_baseline
 from skipnet.models import SkipOutput, SkipResNet
 
 STAGES = ("sp", "rl", "finetune")
@@ -39,7 +38,7 @@ class SkipNetModule(ClassifierModule):
         baseline: subtract a moving-average baseline per gate (off in the paper).
         baseline_momentum: its momentum.
         entropy_weight: entropy bonus weight (0 in the paper).
-        **kwargs: see :class:`gating.classifier.ClassifierModule`.
+        **kwargs: see :class:`experiments.systems.ClassifierModule`.
 
     Logged (all with units): ``{val,test}/acc``, ``{val,test}/gflops_per_img`` (exact, gates
     included), ``{val,test}/computation_pct`` (SkipNet's figure), ``test/blocks_per_img``,

@@ -1,7 +1,9 @@
 """A timm-like model registry: a name maps to a builder, ``create_model(name, **kw)`` builds it.
 
 Every model built here is a plain ``nn.Module`` with ``num_classes``, ``forward_features`` and
-``forward_head``. Names prefixed ``timm/`` are passed to ``timm.create_model``.
+``forward_head``. Names prefixed ``timm/`` are passed to ``timm.create_model``. The family modules
+register their builders when :mod:`models` is imported; this module imports none of them, so a family
+can import it without a cycle.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from gating.errors import UserError
+
+__all__ = ["TIMM_PREFIX", "create_model", "is_model", "list_models", "register_model"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 TIMM_PREFIX = "timm/"
@@ -29,12 +33,11 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching a shell-style ``pattern`` (timm models are not listed)."""
-    _import_families()
     return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
 
 
 def is_model(name: str) -> bool:
-    _import_families()
+    """Whether ``name`` builds a model: a registered name or ``timm/<name>``."""
     return name in _REGISTRY or name.startswith(TIMM_PREFIX)
 
 
@@ -45,12 +48,11 @@ def create_model(model_name: str, **kwargs: Any) -> nn.Module:
         model_name: a registered name (see :func:`list_models`) or ``timm/<any timm model>``.
         **kwargs: passed to the builder; ``None`` values are dropped so configs can leave them unset.
             Common ones: ``num_classes``, ``in_chans``, ``image_size`` (for models with a flat input
-            layer), ``pretrained`` (a local checkpoint path, or a torchvision weights name).
+            layer), ``pretrained`` (a local weights file, or a torchvision weights name).
     """
-    _import_families()
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if model_name.startswith(TIMM_PREFIX):
-        from gating.backbones.timm_models import create_timm_model
+        from models.timm_models import create_timm_model
 
         return create_timm_model(model_name[len(TIMM_PREFIX) :], **kwargs)
     if model_name not in _REGISTRY:
@@ -61,8 +63,3 @@ def create_model(model_name: str, **kwargs: Any) -> nn.Module:
             f"any timm model as 'timm/<name>'."
         )
     return _REGISTRY[model_name](**kwargs)
-
-
-def _import_families() -> None:
-    # Importing a family module registers its builders; done lazily to keep `import gating` light.
-    from gating.backbones import cifar_resnet, imagenet_resnet, small  # noqa: F401

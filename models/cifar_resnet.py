@@ -6,10 +6,15 @@ Three stages of ``n`` BasicBlocks with 16/32/64 channels; a stage's first block 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 
-from gating.backbones.registry import register_model
+from models.registry import register_model
+from models.weights import load_pretrained
+
+NormLayer = Callable[[int], nn.Module]
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -21,13 +26,15 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 norm_layer: NormLayer | None = None) -> None:
         super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
         self.conv1 = conv3x3(inplanes, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = norm_layer(planes)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = norm_layer(planes)
         self.downsample = downsample
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
@@ -48,17 +55,21 @@ class CifarResNet(nn.Module):
         depth: 6n+2 (20, 32, 38, 56, 74, 110, 152, ...).
         num_classes: output classes.
         in_chans: input channels (1 for MNIST, 3 for CIFAR/SVHN).
+        norm_layer: the normalisation layer, called with the channel count (default ``nn.BatchNorm2d``),
+            as torchvision's ResNets take it: e.g. ``partial(nn.GroupNorm, 8)`` or a frozen BN.
     """
 
-    def __init__(self, depth: int, num_classes: int = 10, in_chans: int = 3) -> None:
+    def __init__(self, depth: int, num_classes: int = 10, in_chans: int = 3,
+                 norm_layer: NormLayer | None = None) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0 or depth < 8:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}")
         n = (depth - 2) // 6
         self.depth, self.num_classes, self.in_chans = depth, num_classes, in_chans
+        self._norm_layer = norm_layer or nn.BatchNorm2d
         self.inplanes = 16
         self.conv1 = conv3x3(in_chans, 16)
-        self.bn1 = nn.BatchNorm2d(16)
+        self.bn1 = self._norm_layer(16)
         self.relu = nn.ReLU(inplace=True)
         self.layer1 = self._make_layer(16, n, stride=1)
         self.layer2 = self._make_layer(32, n, stride=2)
@@ -70,20 +81,21 @@ class CifarResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) and m.weight is not None:
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        norm = self._norm_layer
         downsample = None
         if stride != 1 or self.inplanes != planes * BasicBlock.expansion:
             downsample = nn.Sequential(
                 nn.Conv2d(self.inplanes, planes * BasicBlock.expansion, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(planes * BasicBlock.expansion),
+                norm(planes * BasicBlock.expansion),
             )
-        layers = [BasicBlock(self.inplanes, planes, stride, downsample)]
+        layers = [BasicBlock(self.inplanes, planes, stride, downsample, norm)]
         self.inplanes = planes * BasicBlock.expansion
-        layers += [BasicBlock(self.inplanes, planes) for _ in range(1, blocks)]
+        layers += [BasicBlock(self.inplanes, planes, norm_layer=norm) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,10 +117,10 @@ class CifarResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _cifar_resnet(depth: int, num_classes: int = 10, in_chans: int = 3, pretrained: str | None = None) -> CifarResNet:
-    from gating.backbones.weights import load_pretrained
-
-    return load_pretrained(CifarResNet(depth, num_classes=num_classes, in_chans=in_chans), pretrained)
+def _cifar_resnet(depth: int, num_classes: int = 10, in_chans: int = 3, pretrained: str | None = None,
+                  norm_layer: NormLayer | None = None) -> CifarResNet:
+    net = CifarResNet(depth, num_classes=num_classes, in_chans=in_chans, norm_layer=norm_layer)
+    return load_pretrained(net, pretrained)
 
 
 @register_model

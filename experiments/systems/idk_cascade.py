@@ -24,7 +24,7 @@ from torchmetrics import MeanMetric, MinMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from cascades.model import IDKCascade
-from gating.classifier import ClassifierModule
+from experiments.systems.classifier import ClassifierModule
 from gating.errors import UserError
 from gating.idk import LearnedIDK
 
@@ -36,7 +36,7 @@ class IDKCascadeModule(ClassifierModule):
 
     Args:
         cascade: the cascade; its deciders must be :class:`gating.idk.LearnedIDK`.
-        optimizer, scheduler, scheduler_interval: as in :class:`gating.classifier.ClassifierModule`.
+        optimizer, scheduler, scheduler_interval: as in :class:`experiments.systems.ClassifierModule`.
         lam: the price of computation: weight of the mean relative cost in ``J``.
         loss: ``"zero_one"`` or ``"cross_entropy"``, the per-stage loss ``L``.
         finetune_first: also train the first stage (with ``loss="cross_entropy"``); the other stages

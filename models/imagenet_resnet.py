@@ -11,9 +11,9 @@ import torch.nn as nn
 from torchvision import models as tvm
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from gating.backbones.registry import register_model
-from gating.backbones.weights import load_pretrained
 from gating.errors import UserError
+from models.registry import register_model
+from models.weights import load_pretrained
 
 
 class ResNet(tvm.ResNet):

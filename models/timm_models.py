@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from gating.backbones.weights import load_pretrained
 from gating.errors import UserError
+from models.weights import load_pretrained
 
 
 def create_timm_model(name: str, num_classes: int | None = None, in_chans: int | None = None,

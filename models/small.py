@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from gating.backbones.registry import register_model
-from gating.backbones.weights import load_pretrained
 from gating.errors import UserError
+from models.registry import register_model
+from models.weights import load_pretrained
 
 
 def _flat_size(in_chans: int, image_size: int | None, name: str) -> int:

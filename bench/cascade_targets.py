@@ -63,6 +63,19 @@ def row(name: str, rec: dict[str, Any], targets: DictConfig) -> dict[str, Any]:
 
 @user_facing
 def check(cfg: DictConfig) -> dict[str, Any]:
+    """Score every listed run against the targets; print the table, write the JSON."""
+    rows = read_rows(cfg)
+    best_two = compare_to_best_two_stage(rows)
+    result = {"targets": dict(cfg.targets), "rows": rows["two_stage"] + rows["multi_stage"] + rows["others"],
+              "best_two_stage": best_two and best_two["run"]}
+    print_targets(result, rows["multi_stage"], best_two)
+    write_json(cfg.output, result)
+    print(f"\nwrote {cfg.output}")
+    return result
+
+
+def read_rows(cfg: DictConfig) -> dict[str, list[dict[str, Any]]]:
+    """A row per listed run, by group; the two- and multi-stage runs must exist."""
     runs_dir = Path(cfg.runs_dir)
     rows: dict[str, list[dict[str, Any]]] = {"two_stage": [], "multi_stage": [], "others": []}
     for group in rows:
@@ -74,6 +87,11 @@ def check(cfg: DictConfig) -> dict[str, Any]:
                                     f"for it first (see configs/bench/cascade_targets.yaml)")
                 continue
             rows[group].append(row(name, rec, cfg.targets))
+    return rows
+
+
+def compare_to_best_two_stage(rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any] | None:
+    """Mark each multi-stage run that beats the cheapest accurate two-stage one; returns that one."""
     passing_two = [r for r in rows["two_stage"] if r["acc_ok"]]
     best_two = min(passing_two, key=lambda r: r["gflops_per_img"]) if passing_two else None
     for r in rows["multi_stage"]:
@@ -82,21 +100,21 @@ def check(cfg: DictConfig) -> dict[str, Any]:
         r["beats_best_two_stage"] = bool(best_two and r["acc_ok"] and r["gflops_per_img"] < best_two["gflops_per_img"])
         r["beats_best_two_stage_same_decider"] = bool(best_same and r["acc_ok"]
                                                       and r["gflops_per_img"] < best_same["gflops_per_img"])
-    all_rows = rows["two_stage"] + rows["multi_stage"] + rows["others"]
+    return best_two
+
+
+def print_targets(result: dict[str, Any], multi_stage: list[dict[str, Any]], best_two: dict[str, Any] | None) -> None:
     cols = ["run", "stages", "test_acc", "ref_acc", "delta_pts", "gflops_per_img", "flops_cut_pct", "exit_shares",
             "measured_ms", "predicted_ms", "time_err_pct", "speedup_vs_ref", "acc_ok", "cut_ok", "time_ok"]
-    print(markdown_table(all_rows, cols))
+    print(markdown_table(result["rows"], cols))
     if best_two:
-        print(f"\nbest two-stage cascade keeping accuracy: {best_two['run']} ({best_two['gflops_per_img']:.5f} GFLOPs/img)")
-    for r in rows["multi_stage"]:
+        print(f"\nbest two-stage cascade keeping accuracy: {best_two['run']} "
+              f"({best_two['gflops_per_img']:.5f} GFLOPs/img)")
+    for r in multi_stage:
         print(f"{r['run']} ({r['gflops_per_img']:.5f} GFLOPs/img, {r['delta_pts']:+.2f} pts): "
               f"{'beats' if r['beats_best_two_stage'] else 'does not beat'} it; "
               f"{'beats' if r['beats_best_two_stage_same_decider'] else 'does not beat'} the best two-stage "
               f"cascade with its own decider ({r['decider']})")
-    result = {"targets": dict(cfg.targets), "rows": all_rows, "best_two_stage": best_two and best_two["run"]}
-    write_json(cfg.output, result)
-    print(f"\nwrote {cfg.output}")
-    return result
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="bench/cascade_targets.yaml")

@@ -164,8 +164,7 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     result: dict[str, Any] = {"machine": machine_info("cpu"), "slo_ms": cfg.slo_ms,
                               "max_batch_size": cfg.max_batch_size, "max_delay_ms": cfg.max_delay_ms}
     try:
-        models = httpx.get(f"{url}/v1/models").json()["models"]
-        result["models"] = models
+        result["models"] = httpx.get(f"{url}/v1/models").json()["models"]
         served = model_entries(OmegaConf.load(Path(cfg.paths.output_dir) / "server" / ".hydra" / "config.yaml"))
         result["overhead"] = {m: overhead(url, m, served[m], x, cfg.overhead_requests) for m in cfg.models}
         peaks = {}
@@ -181,23 +180,10 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         result["poisson"] = {"model": main, "rate": rate, "runs": [
             load(url, main, xs, ys, poisson_arrivals(rate, cfg.poisson_s, seed=99 + i), cfg)
             for i in range(cfg.repeats)]}
-        runs = []
-        base = cfg.burst_base_fraction * peaks[main]["peak_rps"]
-        for i in range(cfg.repeats):
-            arrivals = burst_arrivals(base, cfg.burst_total_s, cfg.burst_start_s, cfg.burst_s, cfg.burst_factor,
-                                      seed=7 + i)
-            for mode in ("off", "auto"):
-                put(url, main, {"triage": {"mode": mode}})
-                time.sleep(1.0)
-                rep = {"triage": mode, **load(url, main, xs, ys, arrivals, cfg)}
-                settings = httpx.get(f"{url}/v1/settings").json()[main]
-                rep["triage_changes"] = [c for c in settings["triage_changes"]  # this run's, newest last
-                                         if c["s_ago"] <= rep["duration_s"] + 1.0]
-                runs.append(rep)
-        put(url, main, {"triage": {"mode": "off"}})
-        result["burst"] = {"model": main, "base_rate": base, "factor": cfg.burst_factor, "burst_s": cfg.burst_s,
-                           "runs": runs}
+        result["burst"] = burst_runs(url, main, xs, ys, cfg.burst_base_fraction * peaks[main]["peak_rps"], cfg)
         result["metrics_text_bytes"] = len(httpx.get(f"{url}/metrics").text)
+        ref_rps = max(peaks[cfg.models[-1]]["peak_rps"], 1e-9)
+        result["throughput_ratio"] = {m: p["peak_rps"] / ref_rps for m, p in peaks.items()}
     finally:
         proc.terminate()
         try:
@@ -210,6 +196,24 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
+def burst_runs(url: str, model: str, xs: list, ys: list, base: float, cfg: DictConfig) -> dict[str, Any]:
+    """``cfg.repeats`` bursts on a Poisson base, each with triage off then auto, with each run's triage changes."""
+    runs = []
+    for i in range(cfg.repeats):
+        arrivals = burst_arrivals(base, cfg.burst_total_s, cfg.burst_start_s, cfg.burst_s, cfg.burst_factor,
+                                  seed=7 + i)
+        for mode in ("off", "auto"):
+            put(url, model, {"triage": {"mode": mode}})
+            time.sleep(1.0)
+            rep = {"triage": mode, **load(url, model, xs, ys, arrivals, cfg)}
+            settings = httpx.get(f"{url}/v1/settings").json()[model]
+            rep["triage_changes"] = [c for c in settings["triage_changes"]  # this run's, newest last
+                                     if c["s_ago"] <= rep["duration_s"] + 1.0]
+            runs.append(rep)
+    put(url, model, {"triage": {"mode": "off"}})
+    return {"model": model, "base_rate": base, "factor": cfg.burst_factor, "burst_s": cfg.burst_s, "runs": runs}
+
+
 def report(r: dict[str, Any], cfg: DictConfig) -> None:
     rows = []
     for m, p in r["peaks"].items():
@@ -220,9 +224,8 @@ def report(r: dict[str, Any], cfg: DictConfig) -> None:
                      **r["overhead"].get(m, {})})
     print("\npeak throughput at the objective, and the serving layer's overhead at low load:")
     print(markdown_table(rows))
-    ratio = {m: r["peaks"][m]["peak_rps"] / max(r["peaks"][cfg.models[-1]]["peak_rps"], 1e-9) for m in r["peaks"]}
-    print(f"throughput relative to {cfg.models[-1]}: " + ", ".join(f"{m} {v:.2f}x" for m, v in ratio.items()))
-    r["throughput_ratio"] = ratio
+    print(f"throughput relative to {cfg.models[-1]}: "
+          + ", ".join(f"{m} {v:.2f}x" for m, v in r["throughput_ratio"].items()))
     keys = ["offered_rps", "throughput_rps", "goodput_rps", "p50_ms", "p95_ms", "p99_ms", "slo_attainment",
             "rejected", "expired", "degraded", "accuracy"]
     p = r["poisson"]

@@ -27,7 +27,15 @@ log = logging.getLogger(__name__)
 
 @user_facing
 def cost(cfg: DictConfig) -> dict:
-    """Build the cost table of ``cfg.model.net`` at ``cfg.data``'s input shape; returns the record."""
+    """Build the cost table of ``cfg.model.net`` at ``cfg.data``'s input shape; print it, write ``cost.json``."""
+    record = cost_record(cfg)
+    print_cost(record, cfg.latency)
+    write_json(output_dir() / "cost.json", record)
+    return record
+
+
+def cost_record(cfg: DictConfig) -> dict:
+    """The per-block table (MFLOPs, share, latency if asked) and the three-way FLOPs check."""
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     net = instantiate(cfg.model.net).to(device).eval()
@@ -36,18 +44,13 @@ def cost(cfg: DictConfig) -> dict:
     table = build_cost_table(net, x)
     whole, by_shape = count_flops(net, x[:1]), analytic_flops(net, x[:1])
     rows = table.rows()
-    if cfg.latency:
-        lat = profile_blocks(net, x, warmup=cfg.warmup, repeats=cfg.repeats)
-        for r in rows:
-            if r["unit"] in lat:
-                r["latency_ms_p50"] = lat[r["unit"]].median_ms
-                r["latency_ms_p90"] = lat[r["unit"]].p90_ms
+    lat = profile_blocks(net, x, warmup=cfg.warmup, repeats=cfg.repeats) if cfg.latency else {}
     for r in rows:
+        if r["unit"] in lat:
+            r["latency_ms_p50"] = lat[r["unit"]].median_ms
+            r["latency_ms_p90"] = lat[r["unit"]].p90_ms
         r["mflops"] = r.pop("flops") / 1e6
         r["skipped_mflops"] = r.pop("skipped_flops") / 1e6
-    cols = ["unit", "mflops", "skipped_mflops", "share_pct"] + (["latency_ms_p50", "latency_ms_p90"]
-                                                                 if cfg.latency else [])
-    print(markdown_table(rows, cols, ".4g"))
     summary = {
         "model": cfg.model.get("name"),
         "input_shape": list(shape),
@@ -59,10 +62,13 @@ def cost(cfg: DictConfig) -> dict:
     }
     if cfg.latency:
         summary[f"latency_ms_p50_batch{cfg.batch_size}"] = lat["(model)"].median_ms
-    print("\n" + markdown_table([summary], floatfmt=".6g"))
-    record = {"summary": summary, "table": table.to_dict(), "rows": rows, "machine": machine_info(device)}
-    write_json(output_dir() / "cost.json", record)
-    return record
+    return {"summary": summary, "table": table.to_dict(), "rows": rows, "machine": machine_info(device)}
+
+
+def print_cost(record: dict, latency: bool) -> None:
+    cols = ["unit", "mflops", "skipped_mflops", "share_pct"] + (["latency_ms_p50", "latency_ms_p90"] if latency else [])
+    print(markdown_table(record["rows"], cols, ".4g"))
+    print("\n" + markdown_table([record["summary"]], floatfmt=".6g"))
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="cost.yaml")

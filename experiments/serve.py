@@ -30,6 +30,7 @@ from experiments.report import pick_device
 from experiments.runs import load_run
 from experiments.utils import extras, run_hydra, user_facing
 from gating.adapters import ModelAdapter, price_points
+from gating.errors import UserError
 from serve.engine import BatchingConfig, DeviceWorker, EngineMetrics, ServingEngine, TriageConfig
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,9 @@ def load_models(cfg: DictConfig, device: torch.device) -> list[ModelAdapter]:
               for name, entry in model_entries(cfg).items()]
     val = batches_to_tensor(instantiate(cfg.data).val_dataloader()) if cfg.measure_levels else None
     for m in models:
+        if m.input_shape is None:
+            raise UserError(f"model {m.name!r}: its run's data config gives no in_chans/image_size, so the server "
+                            f"cannot check inputs; serve a run whose data config has them")
         m.to(device)
         m.run(torch.zeros(1, *m.input_shape, device=device))  # cost tables and lazy layers, before any request
         if val is not None:

@@ -43,7 +43,6 @@ class CascadeAdapter(ModelAdapter):
         stage0 = cascade.stages[0]
         super().__init__(name, points, input_shape, num_classes or getattr(stage0, "num_classes", None))
         self.cascade = cascade.eval()
-        self._costs: dict[tuple[int, ...], StageCosts] = {}
 
     @property
     def num_stages(self) -> int:
@@ -53,11 +52,8 @@ class CascadeAdapter(ModelAdapter):
         return [self.cascade]
 
     def stage_costs(self, x: torch.Tensor) -> StageCosts:
-        """Exact FLOPs of each stage, its IDK decision included, at ``x``'s input shape (once per shape)."""
-        shape = tuple(x.shape[1:])
-        if shape not in self._costs:
-            self._costs[shape] = self.cascade.stage_costs(x[:1])
-        return self._costs[shape]
+        """Exact FLOPs of each stage, its IDK decision included, at ``x``'s input shape."""
+        return self.cost_at(x, self.cascade.stage_costs)
 
     @torch.no_grad()
     def stage(self, k: int, x: torch.Tensor, point: Point | int | str | None = None) -> StageResult:

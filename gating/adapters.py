@@ -19,7 +19,7 @@ a run folder.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -100,6 +100,7 @@ class ModelAdapter:
         self.points: list[Point] = list(points) or [Point("default")]
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.num_classes = num_classes
+        self._costs: dict[tuple[int, ...], Any] = {}
 
     # ------------------------------------------------------------------------------------- modules
     @property
@@ -121,6 +122,14 @@ class ModelAdapter:
             for p in m.parameters():
                 return p.device
         return torch.device("cpu")
+
+    def cost_at(self, x: torch.Tensor, measure: Callable[[torch.Tensor], Any]) -> Any:
+        """What ``measure(one row)`` gives at ``x``'s input shape, measured once per shape (FLOPs do not
+        depend on the values, and counting them runs the model under a counter)."""
+        shape = tuple(x.shape[1:])
+        if shape not in self._costs:
+            self._costs[shape] = measure(x[:1])
+        return self._costs[shape]
 
     def point(self, point: Point | int | str | None = None) -> Point:
         """A point by index, by label, or as given (None: the first)."""
@@ -180,17 +189,13 @@ class StaticAdapter(ModelAdapter):
                  num_classes: int | None = None) -> None:
         super().__init__(name, (), input_shape, num_classes or getattr(net, "num_classes", None))
         self.net = net.eval()
-        self._flops: dict[tuple[int, ...], float] = {}
 
     def modules(self) -> list[nn.Module]:
         return [self.net]
 
     def flops_per_row(self, x: torch.Tensor) -> float:
-        """Exact FLOPs of one row of ``x``'s shape (counted once per input shape)."""
-        shape = tuple(x.shape[1:])
-        if shape not in self._flops:
-            self._flops[shape] = float(count_flops(self.net, x[:1]))
-        return self._flops[shape]
+        """Exact FLOPs of one row of ``x``'s shape."""
+        return self.cost_at(x, lambda row: float(count_flops(self.net, row)))
 
     @torch.no_grad()
     def stage(self, k: int, x: torch.Tensor, point: Point | int | str | None = None) -> StageResult:

@@ -29,17 +29,13 @@ class _SkipNetBase(ModelAdapter):
             raise UserError(f"model {name!r} is a {type(net).__name__}, not a SkipNet (skipnet.SkipResNet)")
         super().__init__(name, points, input_shape, num_classes or net.num_classes)
         self.net = net.eval()
-        self._tables: dict[tuple[int, ...], CostTable] = {}
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.net]
 
     def cost_table(self, x: torch.Tensor) -> CostTable:
-        """The network's per-block cost table at ``x``'s input shape (measured once per shape)."""
-        shape = tuple(x.shape[1:])
-        if shape not in self._tables:
-            self._tables[shape] = self.net.cost_table(x[:1])
-        return self._tables[shape]
+        """The network's per-block cost table at ``x``'s input shape."""
+        return self.cost_at(x, self.net.cost_table)
 
 
 class SkipNetAdapter(_SkipNetBase):

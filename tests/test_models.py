@@ -117,3 +117,13 @@ def test_pretrained_from_local_file(tmp_path):
         create_model("resnet20_cifar", num_classes=5, pretrained=str(path))
     with pytest.raises(UserError, match="not found"):
         create_model("resnet20_cifar", pretrained=str(tmp_path / "missing.pt"))
+
+
+def test_cifar_resnets_take_a_norm_layer():
+    import torch.nn as nn
+
+    net = create_model("resnet20_cifar", num_classes=10, in_chans=1, norm_layer=lambda c: nn.GroupNorm(4, c))
+    kinds = {type(m) for m in net.modules()}
+    assert nn.GroupNorm in kinds and nn.BatchNorm2d not in kinds  # every norm, shortcuts included
+    assert net(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in create_model("resnet20_cifar").modules())  # the default

@@ -387,9 +387,13 @@ class ServingEngine:
         # How long the most urgent queued rows have waited in their queue: the threat to the objective
         # (a row just deferred to the next stage has not waited, whatever its own service time).
         # Requests still waiting for the front end are as late as its event loop.
+        if self.triage.mode != "auto":
+            return
         oldest = min((q[0][1].enqueued for q in self._queues if q), default=now)
+        before = self._triage.level
         level = self._triage.observe(now, max(now - oldest, self.front_lag_s()) * 1e3)
-        self.metrics.triage_level.labels(self.model.name).set(level)
+        if level != before:
+            self.metrics.triage_level.labels(self.model.name).set(level)
 
     # ----------------------------------------------------------------------------------- settings
     def settings(self) -> dict[str, Any]:

@@ -137,7 +137,8 @@ def verify(records: CascadeRecords, thresholds: Sequence[float], costs: StageCos
     ref = correct[reference_stage]
     diff = torch.from_numpy(hit.astype(np.float64) - ref.astype(np.float64))
     op = ThresholdSearch(costs.stage).evaluate(records.confidences(), correct, thresholds)
-    ref_cost = float(sum(costs.stage[: reference_stage + 1]))
+    # The reference is that model run alone (what the cascade replaces), not the stages before it too.
+    ref_cost = float(costs.stage[reference_stage])
     return {
         "n": n,
         "accuracy": float(hit.mean()),

@@ -11,13 +11,13 @@ import torch
 import torch.nn as nn
 
 from cascades import Ensemble, IDKCascade, build_cascade, load_cascade_state
-from cascades.calibrate import collect, fit_temperatures
+from cascades.calibrate import CascadeRecords, collect, fit_temperatures
 from experiments.cascade import verify
 from experiments.stats import mean_interval, wilson_interval
 from experiments.systems import IDKCascadeModule
 from gating import UserError
 from gating.calibration import expected_calibration_error, fit_temperature
-from gating.cost import count_flops
+from gating.cost import StageCosts, count_flops
 from gating.execution import run_exits
 from gating.idk import AgreementIDK, EntropyIDK, LearnedIDK, MaxProbIDK
 from gating.thresholds import ThresholdSearch, exit_stages
@@ -241,6 +241,28 @@ def test_fit_calibrate_verify_end_to_end():
     assert res["accuracy"] == pytest.approx(op.accuracy)
     lo, hi = res["accuracy_ci"]
     assert lo <= res["accuracy"] <= hi
+    # The reference is its own stage's cost, not the cost of reaching it through the cascade.
+    assert res["reference_cost"] == costs.stage[2] < sum(costs.stage)
+    assert res["cost_cut_pct"] == pytest.approx(100.0 * (1.0 - op.expected_cost / costs.stage[2]))
+
+
+@pytest.mark.parametrize("num_stages", [2, 3])
+def test_verify_reference_cost_is_the_reference_stage_alone(num_stages):
+    costs = StageCosts(tuple(f"s{k}" for k in range(num_stages)), tuple(10.0 ** k for k in range(num_stages)))
+    g = torch.Generator().manual_seed(0)
+    n = 40
+    rec = CascadeRecords(labels=torch.randint(0, 10, (n,), generator=g),
+                         logits=[torch.randn(n, 10, generator=g) for _ in range(num_stages)],
+                         confidence=[torch.rand(n, generator=g) for _ in range(num_stages - 1)])
+    every_row_at_last = [1.1] * (num_stages - 1)  # no confidence exceeds 1.1: every row reaches the last stage
+    for ref in range(num_stages):
+        res = verify(rec, every_row_at_last, costs, reference_stage=ref)
+        assert res["reference_cost"] == costs.stage[ref]
+    # Every row pays all stages: the cascade costs more than the last model alone, and the cut says so.
+    res = verify(rec, every_row_at_last, costs, reference_stage=num_stages - 1)
+    assert res["expected_cost"] == pytest.approx(sum(costs.stage))
+    assert res["cost_cut_pct"] == pytest.approx(100.0 * (1.0 - sum(costs.stage) / costs.stage[-1]))
+    assert res["cost_cut_pct"] < 0
 
 
 def test_confidence_intervals():

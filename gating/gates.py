@@ -59,6 +59,14 @@ class FFGateI(nn.Module):
     def forward(self, x: torch.Tensor, index: int, state: GateState = None) -> tuple[torch.Tensor, GateState]:
         return self.heads[index](x), state
 
+    @torch.no_grad()
+    def sharpen(self, temperature: float) -> None:
+        """Divide every head's output layer by ``temperature``, once (see :meth:`RNNGate.sharpen`)."""
+        _check_temperature(temperature)
+        for head in self.heads:
+            head.fc.weight.div_(temperature)
+            head.fc.bias.div_(temperature)
+
 
 class FFGateII(FFGateI):
     """FFGate-II: 3x3 conv s2 + BN + ReLU, global avgpool, 1x1 conv to two logits. About 12.5% of a block;
@@ -80,7 +88,8 @@ class RNNGate(nn.Module):
         channels: input channels per gate position.
         embed_dim: embedding size (SkipNet: 10).
         hidden_dim: LSTM hidden size (SkipNet: 10).
-        temperature: logits are divided by it (SkipNet's ImageNet recipe sharpens with 0.05).
+        temperature: only 1.0. Configs written before the temperature moved to :meth:`sharpen` name it;
+            another value is refused rather than silently applied differently.
     """
 
     recurrent = True
@@ -91,7 +100,11 @@ class RNNGate(nn.Module):
         self.embed = nn.ModuleList(nn.Linear(c, embed_dim) for c in channels)
         self.lstm = nn.LSTMCell(embed_dim, hidden_dim)
         self.proj = nn.Linear(hidden_dim, 1)
-        self.hidden_dim, self.temperature = hidden_dim, temperature
+        if temperature != 1.0:
+            raise ValueError(f"RNNGate(temperature={temperature}): the gate temperature is applied once, to the "
+                             f"projection, when a stage starts (SkipNet's hotter): set model.gate_temperature "
+                             f"instead of gate.temperature")
+        self.hidden_dim = hidden_dim
 
     def initial_state(self, batch: int, device: torch.device) -> GateState:
         z = torch.zeros(batch, self.hidden_dim, device=device)
@@ -102,8 +115,22 @@ class RNNGate(nn.Module):
             state = self.initial_state(x.shape[0], x.device)
         e = self.embed[index](x.mean((2, 3)))  # global average pool, one op (it runs before every block)
         h, c = self.lstm(e, state)
-        logit = self.proj(h).squeeze(1)
-        return (logit if self.temperature == 1.0 else logit / self.temperature), (h, c)
+        return self.proj(h).squeeze(1), (h, c)
+
+    @torch.no_grad()
+    def sharpen(self, temperature: float) -> None:
+        """Divide the projection's weight and bias by ``temperature``, once: SkipNet's ``hotter(t)``, which
+        its ImageNet RL stage applies to the SP model when RL starts (t = 0.05 makes every logit 20x
+        larger, so gates start near-deterministic). Dividing the logit on every pass instead would also
+        scale the projection's gradient by 1/t at every step."""
+        _check_temperature(temperature)
+        self.proj.weight.div_(temperature)
+        self.proj.bias.div_(temperature)
+
+
+def _check_temperature(temperature: float) -> None:
+    if not (isinstance(temperature, (int, float)) and 0.0 < temperature < float("inf")):
+        raise ValueError(f"gate temperature must be a positive finite number, got {temperature!r}")
 
 
 def select_state(state: GateState, rows: torch.Tensor) -> GateState:

@@ -3,13 +3,20 @@
 Per gate ``i`` (deciding block ``i + 1``): reward ``r_i = (1 - a_i) * alpha * c_i`` where ``c_i`` is the
 block's cost share (``1/N`` per gate in the paper, or its share of the gated FLOPs), and a terminal
 reward ``-beta * CE`` per sample. Returns are undiscounted: ``R_i = sum_{j >= i} r_j - beta * CE``.
-The policy-gradient loss is ``-sum_i log pi(a_i) * (R_i - b)``, averaged over the batch, with an
-optional baseline ``b``.
+The policy-gradient loss is ``-sum_i log pi(a_i) * (R_i - b)`` per sample, with an optional baseline
+``b``, reduced over the batch by a mean or a sum.
+
+The reduction is part of a recipe's scale. SkipNet's CIFAR code calls ``action.reinforce(rl_weight * R)``
+on each gate's stochastic op, whose backward *sums* over the batch, while its cross-entropy is a batch
+*mean*; its ImageNet code takes ``.mean()`` of the same product. At batch 128, ``rl_weight = 0.01`` under
+a sum weighs as much as ``1.28`` under a mean.
 """
 
 from __future__ import annotations
 
 import torch
+
+REDUCTIONS = ("mean", "sum")
 
 
 def skip_rewards(actions: torch.Tensor, alpha: float, costs: torch.Tensor) -> torch.Tensor:
@@ -23,13 +30,17 @@ def returns_to_go(rewards: torch.Tensor, terminal: torch.Tensor) -> torch.Tensor
 
 
 def policy_gradient_loss(log_probs: torch.Tensor, returns: torch.Tensor, baseline: torch.Tensor | float = 0.0,
-                         entropy: torch.Tensor | None = None, entropy_weight: float = 0.0) -> torch.Tensor:
-    """REINFORCE: ``-mean_b sum_i log pi(a_i) * (R_i - baseline)`` minus an optional entropy bonus."""
+                         entropy: torch.Tensor | None = None, entropy_weight: float = 0.0,
+                         reduction: str = "mean") -> torch.Tensor:
+    """REINFORCE: ``-sum_i log pi(a_i) * (R_i - baseline)`` per sample, minus an optional entropy bonus,
+    then the batch ``mean`` (SkipNet's ImageNet code) or ``sum`` (its CIFAR code's ``.reinforce``)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     advantage = (returns - baseline).detach()
-    loss = -(log_probs * advantage).sum(1).mean()
+    per_sample = -(log_probs * advantage).sum(1)
     if entropy is not None and entropy_weight:
-        loss = loss - entropy_weight * entropy.sum(1).mean()
-    return loss
+        per_sample = per_sample - entropy_weight * entropy.sum(1)
+    return per_sample.mean() if reduction == "mean" else per_sample.sum()
 
 
 def bernoulli_entropy(prob: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -189,6 +189,18 @@ class SkipResNet(nn.Module):
         probs = torch.sigmoid(torch.stack(logits, 1)) if logits else executed[:, 1:]
         return SkipOutput(self.backbone.forward_head(x), executed, probs, None)
 
+    def batchnorm_eval(self) -> None:
+        """Put the backbone's BatchNorm layers in eval mode (running statistics), the rest untouched.
+
+        With it, a block run on a gathered sub-batch (``execution="skip"``) computes for each row what
+        masked execution computes, in training mode too; with batch statistics it cannot, since the
+        statistics depend on which rows are in the batch. The gates keep their mode: they always see
+        the whole batch.
+        """
+        for m in self.backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
     def cost_table(self, example_input: torch.Tensor) -> CostTable:
         """Per-block FLOPs with the gates' cost separate; per-sample cost is ``table.per_sample(executed)``."""
         all_on = torch.ones(1, self.num_blocks)

@@ -144,6 +144,52 @@ def test_policy_gradient_pushes_towards_rewarded_actions():
     assert b.tolist() == [1.0, 2.0]
 
 
+def test_policy_gradient_scale_under_mean_and_sum():
+    """On a hand-made batch: the per-sample term is -sum_i log pi(a_i) * (R_i - b); ``sum`` is B times ``mean``."""
+    log_prob = torch.tensor([[-0.1, -0.2], [-0.3, -0.4], [-0.5, -0.6]], requires_grad=True)
+    returns = torch.tensor([[1.0, 2.0], [0.5, -1.0], [0.0, 3.0]])
+    per_sample = torch.tensor([0.1 * 1 + 0.2 * 2, 0.3 * 0.5 - 0.4, 0.5 * 0 + 0.6 * 3])  # [0.5, -0.25, 1.8]
+    mean = policy_gradient_loss(log_prob, returns, baseline=0.0, reduction="mean")
+    total = policy_gradient_loss(log_prob, returns, baseline=0.0, reduction="sum")
+    assert mean.item() == pytest.approx(per_sample.mean().item())
+    assert total.item() == pytest.approx(per_sample.sum().item()) and total.item() == pytest.approx(3 * mean.item())
+    (g_mean,) = torch.autograd.grad(mean, log_prob)
+    (g_sum,) = torch.autograd.grad(total, log_prob)
+    assert torch.allclose(g_mean, -returns / 3) and torch.allclose(g_sum, -returns)
+    # The baseline and the entropy bonus scale the same way.
+    ent = torch.full((3, 2), 0.5)
+    m = policy_gradient_loss(log_prob, returns, 1.0, ent, 0.1, reduction="mean")
+    s = policy_gradient_loss(log_prob, returns, 1.0, ent, 0.1, reduction="sum")
+    assert s.item() == pytest.approx(3 * m.item())
+    with pytest.raises(ValueError, match="reduction"):
+        policy_gradient_loss(log_prob, returns, reduction="none")
+
+
+@pytest.mark.parametrize("gate", ["rnn", "ffgate1"])
+def test_sharpen_divides_the_output_layer_once(gate):
+    from models import create_model
+
+    torch.manual_seed(0)
+    net = create_model("skipnet20_cifar", in_chans=1, gate=gate).eval()
+    x = torch.randn(4, 16, 8, 8)
+    state = net.gate.initial_state(4, x.device)
+    with torch.no_grad():
+        before, _ = net.gate(x, 0, state)
+        net.gate.sharpen(0.05)
+        after, _ = net.gate(x, 0, state)
+        again, _ = net.gate(x, 0, state)
+    assert torch.allclose(after, before / 0.05, rtol=1e-4, atol=1e-5)
+    assert torch.equal(after, again)  # applied once, not on every pass
+    with pytest.raises(ValueError, match="temperature"):
+        net.gate.sharpen(0.0)
+
+
+def test_rnn_gate_temperature_argument_only_loads_old_configs():
+    RNNGate([16, 32], temperature=1.0)  # what every run written before issue 15 has in its config
+    with pytest.raises(ValueError, match="model.gate_temperature"):
+        RNNGate([16, 32], temperature=0.05)
+
+
 def test_run_rows_inplace_updates_only_the_selected_rows():
     x = torch.arange(12.0).view(6, 2)
     keep = x.clone()

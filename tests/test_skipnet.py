@@ -151,7 +151,7 @@ def test_stages_chain_by_checkpoints(tmp_path):
     sp = _stage(tmp_path, "sp", ["model=skipnet20", "model.stage=sp",
                                  f"model.net.backbone.pretrained={tmp_path / 'base'}"])
     rl = _stage(tmp_path, "rl", ["model=skipnet20", "model.stage=rl", "model.train_execution=skip",
-                                 "model.reward_cost=flops", "model.baseline=true",
+                                 "model.rl_batchnorm=eval", "model.reward_cost=flops", "model.baseline=true",
                                  f"model.net.pretrained={tmp_path / 'sp'}"])
     base_w = torch.load(base["checkpoints"]["best"], weights_only=True)["state_dict"]
     # The entry points hand builders the checkpoint a run folder stands for.
@@ -187,7 +187,7 @@ def test_missing_previous_stage_is_one_clear_error(tmp_path):
 def test_finetune_stage_freezes_the_gates(tmp_path):
     sp = _stage(tmp_path, "sp", ["model=skipnet20", "model.stage=sp"])
     ft = _stage(tmp_path, "ft", ["model=skipnet20", "model.stage=finetune", "model.train_execution=skip",
-                                 f"model.net.pretrained={tmp_path / 'sp'}"])
+                                 "model.rl_batchnorm=eval", f"model.net.pretrained={tmp_path / 'sp'}"])
     before = torch.load(sp["checkpoints"]["best"], weights_only=True)["state_dict"]
     after = torch.load(ft["checkpoints"]["best"], weights_only=True)["state_dict"]
     gate_keys = [k for k in before if k.startswith("net.gate.")]
@@ -209,3 +209,102 @@ def test_batch_one_fast_path_takes_the_same_decisions():
             assert torch.allclose(one.logits, batched.logits[i : i + 1], atol=1e-4)
             assert torch.allclose(one.probs, batched.probs[i : i + 1], atol=1e-6)
     assert 0 < batched.executed[:, 1:].mean() < 1
+
+
+def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name,shape", [("skipnet38_cifar", (1, 16, 16)), ("skipnet50", (3, 32, 32))])
+def test_training_mode_skip_equals_masked_with_eval_batchnorm(name, shape):
+    """In training mode, with the backbone's BatchNorm on running statistics, real skipping computes what
+    masked execution computes: the same logits and the same gradient for every backbone parameter."""
+    torch.manual_seed(0)
+    net = create_model(name, num_classes=10, in_chans=shape[0])
+    with torch.no_grad():  # non-trivial running statistics, as a trained stage has
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    x, y = torch.randn(8, *shape), torch.randint(0, 10, (8,))
+    actions = _random_actions(8, net.num_blocks, 0.5, seed=3)
+    assert 0 < actions[:, 1:].mean() < 1
+    net.train()
+    net.batchnorm_eval()
+    assert all(not m.training for m in net.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    outs, grads = {}, {}
+    for execution in ("skip", "masked"):
+        net.zero_grad()
+        out = net(x, mode="sample", execution=execution, actions=actions)
+        torch.nn.functional.cross_entropy(out.logits, y).backward()
+        outs[execution], grads[execution] = out.logits.detach(), _grads(net.backbone)
+    assert torch.allclose(outs["skip"], outs["masked"], atol=1e-5, rtol=1e-4)
+    assert grads["skip"].keys() == grads["masked"].keys()
+    for k in grads["skip"]:
+        assert torch.allclose(grads["skip"][k], grads["masked"][k], atol=1e-5, rtol=1e-3), k
+    # With batch statistics the two differ: the sub-batches have other statistics than the whole batch.
+    net.train()
+    with torch.no_grad():
+        skip_bn = net(x, mode="sample", execution="skip", actions=actions).logits
+        masked_bn = net(x, mode="sample", execution="masked", actions=actions).logits
+    assert not torch.allclose(skip_bn, masked_bn, atol=1e-3)
+
+
+def _module(**kwargs):
+    from functools import partial
+
+    from experiments.systems import SkipNetModule
+
+    net = create_model("skipnet20_cifar", in_chans=1, gate=kwargs.pop("gate", "rnn"))
+    return SkipNetModule(net, partial(torch.optim.SGD, lr=0.1), **kwargs)
+
+
+def test_rl_batchnorm_eval_holds_through_lightnings_train_calls():
+    m = _module(stage="rl", train_execution="skip", rl_batchnorm="eval", gate="ffgate2")
+    m.train()
+    bns = [b for b in m.net.backbone.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+    gate_bns = [b for b in m.net.gate.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+    assert bns and gate_bns and not any(b.training for b in bns)
+    assert all(b.training for b in gate_bns)  # the gates see the whole batch either way, and keep learning
+    assert m.net.backbone.conv1.training
+    m.eval()
+    m.train()
+    assert not any(b.training for b in bns)
+    # SP and the default keep batch statistics.
+    sp = _module(stage="sp")
+    sp.train()
+    assert all(b.training for b in sp.net.backbone.modules() if isinstance(b, torch.nn.BatchNorm2d))
+
+
+def test_skip_execution_with_batch_statistics_is_refused():
+    with pytest.raises(ValueError, match="rl_batchnorm='eval'"):
+        _module(stage="rl", train_execution="skip")
+    with pytest.raises(ValueError, match="pg_reduction"):
+        _module(stage="rl", pg_reduction="total")
+    with pytest.raises(ValueError, match="rl_batchnorm must be"):
+        _module(stage="rl", rl_batchnorm="frozen")
+
+
+def test_gate_learning_rate_is_its_own_parameter_group():
+    m = _module(stage="rl", gate_lr=0.003)
+    rest, gate = m.param_groups()
+    assert gate["lr"] == 0.003 and "lr" not in rest
+    ids = [id(p) for p in rest["params"]] + [id(p) for p in gate["params"]]
+    assert sorted(ids) == sorted(id(p) for p in m.parameters())  # every parameter, once
+    assert {id(p) for p in gate["params"]} == {id(p) for p in m.net.gate.parameters()}
+    opt = m.optimizer_factory(params=m.param_groups())
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.003]
+    with pytest.raises(ValueError, match="gate_lr"):
+        _module(stage="rl", gate_lr=0.0)
+
+
+def test_gate_temperature_sharpens_the_projection_once():
+    torch.manual_seed(0)
+    net = create_model("skipnet20_cifar", in_chans=1)
+    before = net.gate.proj.weight.clone()
+    from functools import partial
+
+    from experiments.systems import SkipNetModule
+
+    m = SkipNetModule(net, partial(torch.optim.SGD, lr=0.1), stage="rl", gate_temperature=0.05)
+    assert torch.allclose(m.net.gate.proj.weight, before / 0.05)

@@ -129,7 +129,7 @@ class ClassifierModule(LightningModule):
             self.net = torch.compile(self.net)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(params=self.trainer.model.parameters())
+        optimizer = self.optimizer_factory(params=self.param_groups())
         if not self.scheduler_factory:  # None, or {} from scheduler=none
             return {"optimizer": optimizer}
         scheduler = _fill_length(self.scheduler_factory, self._schedule_length())(optimizer=optimizer)
@@ -138,6 +138,11 @@ class ClassifierModule(LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval,
                              "monitor": "val/loss", "frequency": 1},
         }
+
+    def param_groups(self) -> Any:
+        """What the optimizer is given: every parameter, in one group (systems with parts that need their
+        own learning rate return a list of groups)."""
+        return self.trainer.model.parameters()
 
     def _schedule_length(self) -> int:
         if self.hparams.scheduler_interval == "step":

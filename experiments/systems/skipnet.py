@@ -11,10 +11,12 @@ from torchmetrics import MeanMetric
 
 from experiments.systems.classifier import ClassifierModule
 from gating.cost import CostTable
-from gating.reinforce import bernoulli_entropy, policy_gradient_loss, returns_to_go, skip_rewards, update_baseline
+from gating.reinforce import (REDUCTIONS, bernoulli_entropy, policy_gradient_loss, returns_to_go, skip_rewards,
+                              update_baseline)
 from skipnet.models import SkipOutput, SkipResNet
 
 STAGES = ("sp", "rl", "finetune")
+BATCHNORM_MODES = ("train", "eval")
 
 
 class SkipNetModule(ClassifierModule):
@@ -28,11 +30,24 @@ class SkipNetModule(ClassifierModule):
             not in the paper: gates frozen and greedy, the backbone trained by cross-entropy on the
             network exactly as it executes at inference).
         sp_gate: ``"hard"`` (straight-through) or ``"soft"`` (the ablation).
-        train_execution: ``"masked"`` (SkipNet's code) or ``"skip"`` (RL only: skipped rows are not
-            computed, which is exact for sampled actions and faster).
+        train_execution: ``"masked"`` (SkipNet's code) or ``"skip"`` (RL and fine-tune only: skipped rows
+            are not computed, which is exact for sampled actions and faster; needs
+            ``rl_batchnorm="eval"``).
+        rl_batchnorm: the backbone's BatchNorm in the RL and fine-tune stages: ``"train"`` (batch
+            statistics, as SkipNet's code; with masked execution every block's statistics come from the
+            whole batch) or ``"eval"`` (running statistics from the stage before, frozen). Only
+            ``"eval"`` makes a block run on a gathered sub-batch compute what masked execution computes
+            for those rows, so ``train_execution="skip"`` requires it.
         alpha: reward for skipping, per unit of cost share (SkipNet: 0.1 on CIFAR).
         beta: weight of the terminal reward ``-beta * CE`` (SkipNet: 1 on CIFAR/SVHN).
         rl_weight: weight of the policy-gradient term (SkipNet: 0.01).
+        pg_reduction: ``"mean"`` or ``"sum"`` of the policy-gradient term over the batch (the
+            cross-entropy is always a mean). SkipNet's CIFAR code sums (``.reinforce``), its ImageNet
+            code averages; see :mod:`gating.reinforce`.
+        gate_temperature: divide the gates' output layer by it once, when the module is built (after the
+            stage's starting weights are loaded): SkipNet's ImageNet ``hotter(0.05)`` at the start of RL.
+            A resumed run's checkpoint replaces the sharpened weights, so it is not applied twice.
+        gate_lr: the gates' own learning rate (a second parameter group); None: the optimizer's.
         reward_cost: ``"uniform"`` (each gate's share is 1/N, as in the paper) or ``"flops"`` (its share
             of the gated blocks' measured FLOPs).
         baseline: subtract a moving-average baseline per gate (off in the paper).
@@ -57,6 +72,10 @@ class SkipNetModule(ClassifierModule):
         alpha: float = 0.1,
         beta: float = 1.0,
         rl_weight: float = 0.01,
+        pg_reduction: str = "mean",
+        rl_batchnorm: str = "train",
+        gate_temperature: float = 1.0,
+        gate_lr: float | None = None,
         reward_cost: str = "uniform",
         baseline: bool = False,
         baseline_momentum: float = 0.9,
@@ -64,14 +83,15 @@ class SkipNetModule(ClassifierModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(net, optimizer, scheduler, **kwargs)
-        if stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         if sp_gate not in ("hard", "soft"):
             raise ValueError(f"sp_gate must be 'hard' or 'soft', got {sp_gate!r}")
         if reward_cost not in ("uniform", "flops"):
             raise ValueError(f"reward_cost must be 'uniform' or 'flops', got {reward_cost!r}")
-        if train_execution == "skip" and stage == "sp":
-            raise ValueError("supervised pre-training needs train_execution='masked' (straight-through gradients)")
+        _check_choices(train_execution, rl_batchnorm, pg_reduction, stage)
+        if gate_lr is not None and not gate_lr > 0:
+            raise ValueError(f"gate_lr must be a positive learning rate or null, got {gate_lr!r}")
+        if gate_temperature != 1.0:
+            net.gate.sharpen(gate_temperature)
         if stage == "finetune":
             net.gate.requires_grad_(False)
         self.register_buffer("baseline_value", torch.zeros(net.num_gates))
@@ -82,6 +102,23 @@ class SkipNetModule(ClassifierModule):
         self._test_count = 0
         self._patterns: Counter[str] = Counter()
         self.test_report: dict[str, Any] = {}
+
+    def train(self, mode: bool = True) -> "SkipNetModule":
+        """Training mode, with the backbone's BatchNorm in eval mode where ``rl_batchnorm="eval"``
+        (Lightning calls this before every training epoch and after every validation)."""
+        super().train(mode)
+        if mode and self.hparams.get("stage") != "sp" and self.hparams.get("rl_batchnorm") == "eval":
+            self.net.batchnorm_eval()
+        return self
+
+    def param_groups(self) -> Any:
+        """One group, or with ``gate_lr`` two: the gates at their own learning rate, and the rest."""
+        if self.hparams.gate_lr is None:
+            return super().param_groups()
+        gate = list(self.net.gate.parameters())
+        ids = {id(p) for p in gate}
+        rest = [p for p in self.parameters() if id(p) not in ids]
+        return [{"params": rest}, {"params": gate, "lr": self.hparams.gate_lr}]
 
     # ------------------------------------------------------------------------------------------ costs
     def cost_table(self, x: torch.Tensor) -> CostTable:
@@ -120,7 +157,7 @@ class SkipNetModule(ClassifierModule):
             returns = returns_to_go(rewards, -hp.beta * ce.detach())
             base = self.baseline_value if hp.baseline else 0.0
             entropy = bernoulli_entropy(out.probs) if hp.entropy_weight else None
-            pg = policy_gradient_loss(out.log_probs, returns, base, entropy, hp.entropy_weight)
+            pg = policy_gradient_loss(out.log_probs, returns, base, entropy, hp.entropy_weight, hp.pg_reduction)
             if hp.baseline:
                 self.baseline_value.copy_(update_baseline(self.baseline_value, returns, hp.baseline_momentum))
             loss = ce.mean() + hp.rl_weight * pg
@@ -189,3 +226,19 @@ class SkipNetModule(ClassifierModule):
             "skip_patterns": [{"pattern": p, "count": c} for p, c in self._patterns.most_common(20)],
             "distinct_patterns": len(self._patterns),
         }
+
+
+def _check_choices(train_execution: str, rl_batchnorm: str, pg_reduction: str, stage: str) -> None:
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if train_execution not in ("masked", "skip"):
+        raise ValueError(f"train_execution must be 'masked' or 'skip', got {train_execution!r}")
+    if rl_batchnorm not in BATCHNORM_MODES:
+        raise ValueError(f"rl_batchnorm must be one of {BATCHNORM_MODES}, got {rl_batchnorm!r}")
+    if pg_reduction not in REDUCTIONS:
+        raise ValueError(f"pg_reduction must be one of {REDUCTIONS}, got {pg_reduction!r}")
+    if train_execution == "skip" and stage == "sp":
+        raise ValueError("supervised pre-training needs train_execution='masked' (straight-through gradients)")
+    if train_execution == "skip" and rl_batchnorm != "eval":
+        raise ValueError("train_execution='skip' runs each block on a sub-batch, where batch statistics differ from "
+                         "masked execution's: set rl_batchnorm='eval' (running statistics) or train_execution='masked'")

@@ -17,6 +17,25 @@ from __future__ import annotations
 import torch
 
 REDUCTIONS = ("mean", "sum")
+COST_SHARES = ("uniform", "flops")
+
+
+def cost_shares(kind: str, saved_flops: torch.Tensor) -> torch.Tensor:
+    """Each gate's cost share ``c_i`` (sums to 1): ``"uniform"`` (``1/G``, the paper) or ``"flops"`` (the FLOPs
+    skipping its block saves, ``saved_flops`` ``[G]``, as a share of all of them)."""
+    if kind not in COST_SHARES:
+        raise ValueError(f"reward cost must be one of {COST_SHARES}, got {kind!r}")
+    saved = torch.as_tensor(saved_flops, dtype=torch.float32)
+    if kind == "uniform":
+        return torch.full_like(saved, 1.0 / saved.numel())
+    return saved / saved.sum()
+
+
+def episode_reward(actions: torch.Tensor, ce: torch.Tensor, alpha: float, beta: float,
+                   costs: torch.Tensor) -> torch.Tensor:
+    """Each input's whole reward (the return at the first gate): ``alpha * sum_i (1 - a_i) c_i - beta * CE``,
+    for ``actions`` ``[B, G]``, per-sample cross-entropy ``ce`` ``[B]`` and cost shares ``[G]``."""
+    return skip_rewards(actions, alpha, costs).sum(1) - beta * ce
 
 
 def skip_rewards(actions: torch.Tensor, alpha: float, costs: torch.Tensor) -> torch.Tensor:

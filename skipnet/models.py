@@ -189,6 +189,11 @@ class SkipResNet(nn.Module):
         probs = torch.sigmoid(torch.stack(logits, 1)) if logits else executed[:, 1:]
         return SkipOutput(self.backbone.forward_head(x), executed, probs, None)
 
+    @staticmethod
+    def saved_flops(table: CostTable) -> torch.Tensor:
+        """Per gate ``[N - 1]``: the FLOPs per image that skipping its block saves (block minus shortcut)."""
+        return (table.block_flops - table.skip_flops)[1:]
+
     def batchnorm_eval(self) -> None:
         """Put the backbone's BatchNorm layers in eval mode (running statistics), the rest untouched.
 

@@ -11,8 +11,15 @@ from torchmetrics import MeanMetric
 
 from experiments.systems.classifier import ClassifierModule
 from gating.cost import CostTable
-from gating.reinforce import (REDUCTIONS, bernoulli_entropy, policy_gradient_loss, returns_to_go, skip_rewards,
-                              update_baseline)
+from gating.reinforce import (
+    REDUCTIONS,
+    bernoulli_entropy,
+    cost_shares,
+    policy_gradient_loss,
+    returns_to_go,
+    skip_rewards,
+    update_baseline,
+)
 from skipnet.models import SkipOutput, SkipResNet
 
 STAGES = ("sp", "rl", "finetune")
@@ -129,12 +136,9 @@ class SkipNetModule(ClassifierModule):
 
     def gate_costs(self, x: torch.Tensor) -> torch.Tensor:
         """Each gate's cost share (sums to 1): uniform, or the FLOPs its block saves when skipped."""
-        g = self.net.num_gates
         if self.hparams.reward_cost == "uniform":
-            return torch.full((g,), 1.0 / g, device=x.device)
-        t = self.cost_table(x)
-        saved = (t.block_flops - t.skip_flops)[1:]
-        return (saved / saved.sum()).to(device=x.device, dtype=torch.float32)
+            return cost_shares("uniform", torch.ones(self.net.num_gates)).to(x.device)
+        return cost_shares("flops", self.net.saved_flops(self.cost_table(x))).to(x.device)
 
     # --------------------------------------------------------------------------------------- training
     def forward(self, x: torch.Tensor) -> SkipOutput:

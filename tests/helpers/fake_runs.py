@@ -26,6 +26,9 @@ def write_untrained_run(folder: Path, experiment: str, data: DictConfig) -> Path
     with open_dict(cfg):
         cfg.data = OmegaConf.create(OmegaConf.to_container(data, resolve=True))
         cfg.paths = {"root_dir": "", "data_dir": "", "log_dir": str(folder.parent), "output_dir": str(folder)}
+        for node in (cfg.model.net, cfg.model.net.get("backbone")):  # untrained: it starts from no earlier stage
+            if node is not None and "pretrained" in node:
+                node.pretrained = None
     net = instantiate(cfg.model.net)
     ckpt = folder / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir(parents=True, exist_ok=True)

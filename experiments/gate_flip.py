@@ -1,0 +1,176 @@
+"""The single-gate flip test: how far a SkipNet's greedy policy is from the best it could do input by input.
+
+    python -m experiments.gate_flip run=logs/train/runs/mnist_skipnet38_rl
+    python -m experiments.gate_flip run=<any SkipNet run> split=val limit=1000
+
+With the run's greedy decisions held fixed, each gate in turn is flipped for every input (a block that
+ran is skipped, a skipped block runs) and the input's episode reward is recomputed with the run's own
+reward: ``alpha * (cost shares of the skipped blocks) - beta * CE`` (``model.alpha``, ``model.beta``,
+``model.reward_cost`` of its config, or ``reward.*`` here). A policy at a per-input optimum of its reward
+admits no improving flip. Per block, the share of inputs for which the flip raises the reward is how far
+the policy is from that optimum, and on which inputs: a block that always runs and whose skip would pay
+on half the inputs is a static choice the reward does not ask for.
+
+Writes ``flip.csv`` (one row per block) and ``metrics.json`` (the table, the summary, the reward used).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+
+import experiments  # noqa: F401
+from experiments.data import batches_to_tensor
+from experiments.report import machine_info, markdown_table, pick_device, write_csv
+from experiments.runs import load_net, output_dir, read_run, write_run_record
+from experiments.utils import Stopwatch, extras, run_hydra, user_facing
+from gating.errors import UserError
+from gating.reinforce import cost_shares, episode_reward
+from skipnet import SkipResNet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Reward:
+    """SkipNet's episode reward: ``alpha * sum_i (1 - a_i) c_i - beta * CE`` with cost shares ``costs``."""
+
+    alpha: float
+    beta: float
+    costs: torch.Tensor
+
+    def __call__(self, actions: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
+        return episode_reward(actions, ce, self.alpha, self.beta, self.costs.to(actions.device))
+
+
+@torch.no_grad()
+def flip_gains(net: SkipResNet, x: torch.Tensor, y: torch.Tensor, reward: Reward) -> tuple[torch.Tensor, torch.Tensor]:
+    """For one batch: the greedy decisions ``[B, N]`` (column 0 always 1) and, per input and gate, the
+    reward gained by flipping that gate alone with every other decision held ``[B, N - 1]``."""
+    out = net(x, mode="greedy", execution="skip")
+    actions = out.executed
+    base = reward(actions[:, 1:], F.cross_entropy(out.logits, y, reduction="none"))
+    gains = torch.empty(x.shape[0], net.num_gates, dtype=torch.float64, device=x.device)
+    for g in range(net.num_gates):
+        flipped = actions.clone()
+        flipped[:, g + 1] = 1.0 - flipped[:, g + 1]
+        logits = net(x, mode="greedy", execution="skip", actions=flipped).logits
+        gains[:, g] = (reward(flipped[:, 1:], F.cross_entropy(logits, y, reduction="none")) - base).double()
+    return actions.bool(), gains
+
+
+def flip_table(executed: np.ndarray, gains: np.ndarray, block_names: list[str]) -> list[dict[str, Any]]:
+    """One row per gated block: how often it runs, and for what share of the inputs that run it (skip it)
+    running it (skipping it) instead would raise the reward."""
+    rows = []
+    for g in range(gains.shape[1]):
+        ran, gain = executed[:, g + 1], gains[:, g]
+        up = gain > 0
+        rows.append({
+            "block": g + 1, "name": block_names[g + 1] if g + 1 < len(block_names) else str(g + 1),
+            "exec_rate": float(ran.mean()),
+            "flip_raises_reward_pct": 100.0 * float(up.mean()),
+            "skip_pays_when_run_pct": 100.0 * float(up[ran].mean()) if ran.any() else None,
+            "run_pays_when_skipped_pct": 100.0 * float(up[~ran].mean()) if (~ran).any() else None,
+            "mean_gain": float(gain.mean()),
+            "mean_gain_when_raised": float(gain[up].mean()) if up.any() else None,
+        })
+    return rows
+
+
+def flip_summary(executed: np.ndarray, gains: np.ndarray) -> dict[str, Any]:
+    """The whole policy: the share of inputs some single flip improves, and how many flips do per input."""
+    up = gains > 0
+    patterns = {row.tobytes() for row in np.packbits(executed, axis=1)}
+    return {
+        "n": int(gains.shape[0]),
+        "inputs_with_an_improving_flip_pct": 100.0 * float(up.any(1).mean()),
+        "improving_flips_per_input": float(up.sum(1).mean()),
+        "best_flip_gain_mean": float(np.maximum(gains.max(1), 0.0).mean()),
+        "distinct_patterns": len(patterns),
+        "blocks_per_img": float(executed.sum(1).mean()),
+    }
+
+
+def _reward(cfg: DictConfig, run_cfg: DictConfig, net: SkipResNet, x: torch.Tensor) -> Reward:
+    model = run_cfg.get("model") or {}
+    given = cfg.get("reward") or {}
+
+    def pick(key: str, run_key: str, default: Any) -> Any:
+        v = given.get(key)
+        return v if v is not None else model.get(run_key, default)
+
+    kind = pick("cost", "reward_cost", "uniform")
+    saved = net.saved_flops(net.cost_table(x[:1])) if kind == "flops" else torch.ones(net.num_gates)
+    return Reward(float(pick("alpha", "alpha", 0.1)), float(pick("beta", "beta", 1.0)), cost_shares(kind, saved))
+
+
+def _inputs(cfg: DictConfig, run_cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's own data split, without training augmentation (the test asks about the inputs as they are)."""
+    data_cfg = run_cfg.get("data")
+    if data_cfg is None:
+        raise UserError(f"run {cfg.run!r} has no data config: pass a SkipNet training run")
+    with open_dict(data_cfg):
+        if "augment" in data_cfg:
+            data_cfg.augment = False
+    dm = instantiate(data_cfg)
+    dm.setup()
+    split = {"train": dm.data_train, "val": dm.data_val, "test": dm.data_test}.get(cfg.split)
+    if split is None:
+        raise UserError(f"split must be train, val or test, got {cfg.split!r}")
+    return batches_to_tensor(dm._loader(split, train=False), cfg.get("limit"))
+
+
+@user_facing
+def gate_flip(cfg: DictConfig) -> dict[str, Any]:
+    """Run the flip test on ``cfg.run``'s network; write and print the per-block table."""
+    folder, run_cfg, _ = read_run(cfg.run)
+    net = load_net(folder)
+    if not isinstance(net, SkipResNet):
+        raise UserError(f"run {str(folder)!r} holds a {type(net).__name__}, not a SkipNet: the flip test needs gates")
+    device, watch = pick_device(cfg.get("device", "auto")), Stopwatch()
+    net = net.to(device)
+    x, y = _inputs(cfg, run_cfg)
+    reward = _reward(cfg, run_cfg, net, x.to(device))
+    executed, gains = [], []
+    with watch("flip_s"):
+        for i in range(0, len(x), cfg.batch_size):
+            e, g = flip_gains(net, x[i:i + cfg.batch_size].to(device), y[i:i + cfg.batch_size].to(device), reward)
+            executed.append(e.cpu())
+            gains.append(g.cpu())
+    ex, ga = torch.cat(executed).numpy(), torch.cat(gains).numpy()
+    table = flip_table(ex, ga, list(net.cost_table(x[:1].to(device)).block_names))
+    summary = flip_summary(ex, ga)
+    out = output_dir()
+    write_csv(out / "flip.csv", table)
+    record = {"task": cfg.task_name, "run": str(folder), "split": cfg.split, "output_dir": str(out),
+              "reward": {"alpha": reward.alpha, "beta": reward.beta, "costs": reward.costs.tolist()},
+              "summary": summary, "blocks": table, "timings": watch.times, "machine": machine_info(device),
+              "metrics": {f"flip/{k}": v for k, v in summary.items()}}
+    write_run_record(cfg, record)
+    print(f"\nsingle-gate flip test: {folder} ({cfg.split}, {summary['n']} inputs, alpha={reward.alpha:g}, "
+          f"beta={reward.beta:g})")
+    print(markdown_table(table, ["block", "exec_rate", "flip_raises_reward_pct", "skip_pays_when_run_pct",
+                                 "run_pays_when_skipped_pct", "mean_gain"], floatfmt=".3g"))
+    print(f"inputs that some single flip improves: {summary['inputs_with_an_improving_flip_pct']:.1f}%; "
+          f"improving flips per input: {summary['improving_flips_per_input']:.2f}; "
+          f"distinct skip patterns: {summary['distinct_patterns']}\nrecord: {out}")
+    return record
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="gate_flip.yaml")
+def main(cfg: DictConfig) -> None:
+    extras(cfg)
+    gate_flip(cfg)
+
+
+if __name__ == "__main__":
+    run_hydra(main)

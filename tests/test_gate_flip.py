@@ -1,0 +1,76 @@
+"""The single-gate flip test: gains by hand, the per-block table, and the entry point on a run folder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from experiments.gate_flip import Reward, flip_gains, flip_summary, flip_table, gate_flip
+from gating.reinforce import cost_shares
+from models import create_model
+from tests.conftest import compose_config
+from tests.helpers.fake_runs import write_untrained_run
+
+
+def test_gains_are_the_reward_difference_of_one_flipped_gate():
+    torch.manual_seed(0)
+    net = create_model("skipnet20_cifar", in_chans=1).eval()
+    with torch.no_grad():  # scatter the decisions so both actions occur
+        for p in net.gate.parameters():
+            p.mul_(3.0)
+    x, y = torch.randn(6, 1, 12, 12), torch.randint(0, 10, (6,))
+    reward = Reward(alpha=0.7, beta=1.3, costs=cost_shares("uniform", torch.ones(net.num_gates)))
+    executed, gains = flip_gains(net, x, y, reward)
+    assert executed.shape == (6, net.num_blocks) and gains.shape == (6, net.num_gates)
+    with torch.no_grad():
+        greedy = net(x)
+        assert torch.equal(executed, greedy.executed.bool())
+        for g in (0, 4, net.num_gates - 1):
+            a = greedy.executed.clone()
+            a[:, g + 1] = 1 - a[:, g + 1]
+            ce = F.cross_entropy(net(x, actions=a).logits, y, reduction="none")
+            ce0 = F.cross_entropy(greedy.logits, y, reduction="none")
+            # Skipping a block that ran gains alpha * c_g; running a skipped one costs it.
+            by_hand = 0.7 / net.num_gates * (greedy.executed[:, g + 1] - a[:, g + 1]) - 1.3 * (ce - ce0)
+            assert torch.allclose(gains[:, g].float(), by_hand, atol=1e-5), g
+
+
+def test_flip_table_and_summary_on_hand_made_gains():
+    executed = np.array([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 0, 1]], dtype=bool)
+    gains = np.array([[0.2, -0.1], [-0.3, 0.0], [0.1, 0.4], [-0.2, -0.5]])
+    rows = flip_table(executed, gains, ["b0", "b1", "b2"])
+    assert [r["name"] for r in rows] == ["b1", "b2"]
+    assert rows[0]["exec_rate"] == 0.5 and rows[0]["flip_raises_reward_pct"] == 50.0
+    assert rows[0]["skip_pays_when_run_pct"] == 50.0 and rows[0]["run_pays_when_skipped_pct"] == 50.0
+    assert rows[1]["flip_raises_reward_pct"] == 25.0  # a gain of exactly 0 does not count
+    assert rows[1]["run_pays_when_skipped_pct"] == 50.0 and rows[1]["skip_pays_when_run_pct"] == 0.0
+    s = flip_summary(executed, gains)
+    assert s["inputs_with_an_improving_flip_pct"] == 50.0
+    assert s["improving_flips_per_input"] == 0.75
+    assert s["best_flip_gain_mean"] == pytest.approx((0.2 + 0 + 0.4 + 0) / 4)
+    assert s["distinct_patterns"] == 4 and s["blocks_per_img"] == 2.0
+
+
+def test_entry_point_on_a_skipnet_run(tmp_path):
+    data = compose_config("train.yaml", ["data=synthetic"], tmp_path / "x").data
+    run = write_untrained_run(tmp_path / "logs" / "train" / "runs" / "sn" / "0", "digits_skipnet20_rl", data)
+    cfg = compose_config("gate_flip.yaml", [f"run={run}", "split=val", "limit=40", "batch_size=16",
+                                            "reward.cost=flops"], tmp_path / "flip")
+    record = gate_flip(cfg)
+    assert record["summary"]["n"] == 40 and len(record["blocks"]) == 8
+    assert record["reward"]["alpha"] == 1.0  # the run's own alpha (digits_skipnet20_rl)
+    assert sum(record["reward"]["costs"]) == pytest.approx(1.0) and len(set(record["reward"]["costs"])) > 1
+    saved = json.loads((tmp_path / "flip" / "metrics.json").read_text())
+    assert saved["metrics"]["flip/n"] == 40 and (tmp_path / "flip" / "flip.csv").is_file()
+
+
+def test_a_run_without_gates_is_refused(tmp_path):
+    data = compose_config("train.yaml", ["data=synthetic"], tmp_path / "x").data
+    run = write_untrained_run(tmp_path / "logs" / "train" / "runs" / "r" / "0", "digits_resnet20", data)
+    cfg = compose_config("gate_flip.yaml", [f"run={run}"], tmp_path / "flip")
+    with pytest.raises(SystemExit):  # user_facing: one line on stderr, exit status 2
+        gate_flip(cfg)

@@ -5,7 +5,15 @@
 
 Prints a Markdown table and writes ``summary.md``/``summary.csv``/``summary.json`` in the run folder.
 With a reference, each row also gets ``acc_delta_pts`` (accuracy change in points) and
-``flops_cut_pct`` (FLOPs saved per image, in percent).
+``flops_cut_pct`` (FLOPs saved per image, in percent), and the same on val (``val_acc_delta_pts``,
+``val_flops_cut_pct``).
+
+``select.*`` chooses one row **on val only** (a sweep's alpha, a fine-tune length): the rows whose val
+FLOPs cut and val accuracy drop meet the bounds, then the best by ``select.by``. Test figures are
+printed for every row but never used to choose; the chosen row is marked ``selected``.
+
+    python -m experiments.summarize runs=<sweep> reference=<base run> 'params=[model.alpha]' \
+        select.min_val_cut_pct=50
 """
 
 from __future__ import annotations
@@ -24,6 +32,29 @@ from experiments.report import markdown_table, write_json
 from experiments.runs import output_dir
 from experiments.utils import run_hydra, user_facing
 from gating.errors import UserError
+
+
+def _deltas(row: dict[str, Any], ref: dict[str, Any], split: str) -> None:
+    prefix = "" if split == "test" else f"{split}_"
+    acc, ref_acc = row.get(f"{split}/acc"), ref.get(f"{split}/acc")
+    # A static reference costs the same on every split; its record may hold the test figure only.
+    gflops = row.get(f"{split}/gflops_per_img")
+    ref_gflops = ref.get(f"{split}/gflops_per_img") or ref.get("test/gflops_per_img")
+    if acc is not None and ref_acc is not None:
+        row[f"{prefix}acc_delta_pts"] = 100 * (acc - ref_acc)
+    if gflops and ref_gflops:
+        row[f"{prefix}flops_cut_pct"] = 100 * (1 - gflops / ref_gflops)
+
+
+def select_on_val(rows: list[dict[str, Any]], select: DictConfig | dict | None) -> dict[str, Any] | None:
+    """The row ``select`` picks from val figures alone (None when no row meets its bounds or no rule is set)."""
+    if not select or not select.get("by"):
+        return None
+    lo_cut, max_drop = select.get("min_val_cut_pct"), select.get("max_val_drop_pts")
+    ok = [r for r in rows if r.get(select.by) is not None
+          and (lo_cut is None or (r.get("val_flops_cut_pct") or float("-inf")) >= lo_cut)
+          and (max_drop is None or (r.get("val_acc_delta_pts") or float("-inf")) >= -max_drop)]
+    return max(ok, key=lambda r: r[select.by]) if ok else None
 
 
 def _records(folder: Path) -> list[Path]:
@@ -61,19 +92,23 @@ def summarize(cfg: DictConfig) -> list[dict[str, Any]]:
     folders = list(cfg.runs) if isinstance(cfg.runs, ListConfig) else [cfg.runs]
     params, metrics = list(cfg.params), list(cfg.metrics)
     rows = [_row(p, params, metrics) for f in folders for p in _records(Path(f).expanduser())]
+    deltas = []
     if cfg.reference:
         ref_records = _records(Path(cfg.reference).expanduser())
         ref = _row(sorted(ref_records, key=lambda p: p.parent.name)[-1], params, metrics)
         ref["run"] = f"{ref['run']} (reference)"
         for r in rows:
-            if r.get("test/acc") is not None and ref.get("test/acc") is not None:
-                r["acc_delta_pts"] = 100 * (r["test/acc"] - ref["test/acc"])
-            if r.get("test/gflops_per_img") and ref.get("test/gflops_per_img"):
-                r["flops_cut_pct"] = 100 * (1 - r["test/gflops_per_img"] / ref["test/gflops_per_img"])
+            _deltas(r, ref, "val")
+            _deltas(r, ref, "test")
+        deltas = ["val_acc_delta_pts", "val_flops_cut_pct", "acc_delta_pts", "flops_cut_pct"]
+        chosen = select_on_val(rows, cfg.get("select"))
+        for r in rows:
+            r["selected"] = r is chosen
         rows = [ref, *rows]
-    cols = ["run", *params, *metrics] + (["acc_delta_pts", "flops_cut_pct"] if cfg.reference else [])
+    cols = ["run", *params, *metrics, *deltas] + (["selected"] if cfg.get("select", {}).get("by") else [])
     text = markdown_table(rows, cols, floatfmt=".4f")
     print(text)
+    _print_choice(rows, cfg)
     out = output_dir()
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(text + "\n")
@@ -83,6 +118,16 @@ def summarize(cfg: DictConfig) -> list[dict[str, Any]]:
         w.writerows(rows)
     write_json(out / "summary.json", rows)
     return rows
+
+
+def _print_choice(rows: list[dict[str, Any]], cfg: DictConfig) -> None:
+    select = cfg.get("select") or {}
+    if not select.get("by"):
+        return
+    chosen = next((r for r in rows if r.get("selected")), None)
+    rule = (f"best {select.by} with val cut >= {select.get('min_val_cut_pct')}% and val drop <= "
+            f"{select.get('max_val_drop_pts')} pts")
+    print(f"selected on val ({rule}): {chosen['run'] if chosen else 'none meets the bounds'}")
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="summarize.yaml")

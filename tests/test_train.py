@@ -193,3 +193,31 @@ def test_summarize_tabulates_a_sweep_against_a_reference(tmp_path):
     assert [r.get("model.alpha") for r in rows] == [None, 1.0, 2.0]
     assert rows[2]["flops_cut_pct"] == pytest.approx(50.0) and rows[2]["acc_delta_pts"] == pytest.approx(-1.0)
     assert (tmp_path / "out" / "summary.md").read_text().count("\n") == 5
+
+
+def test_summarize_selects_on_val_only(tmp_path):
+    """Test figures never choose: the row that is best on test but misses the val bound is not selected."""
+    from experiments.summarize import summarize
+
+    def run(folder, alpha, val_acc, val_gflops, test_acc, test_gflops):
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({"run_name": f"a{alpha}", "metrics": {
+            "val/acc": val_acc, "val/gflops_per_img": val_gflops, "test/acc": test_acc,
+            "test/gflops_per_img": test_gflops}}))
+        (folder / "config.yaml").write_text(f"model:\n  alpha: {alpha}\n")
+
+    run(tmp_path / "sweep" / "0", 1, 0.990, 0.090, 0.980, 0.090)  # cut 10% on val: too little
+    run(tmp_path / "sweep" / "1", 2, 0.985, 0.045, 0.975, 0.045)  # meets both bounds on val
+    run(tmp_path / "sweep" / "2", 3, 0.970, 0.030, 0.995, 0.030)  # best on test, 2 pts down on val
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "metrics.json").write_text(json.dumps({"run_name": "base", "metrics": {
+        "val/acc": 0.99, "test/acc": 0.99, "test/gflops_per_img": 0.1}}))  # static: no val cost recorded
+    cfg = compose_config("summarize.yaml", [f"runs={tmp_path / 'sweep'}", f"reference={tmp_path / 'base'}",
+                                            "select.by=val/acc", "select.min_val_cut_pct=50",
+                                            "select.max_val_drop_pts=1.0"], tmp_path / "out")
+    rows = summarize(cfg)
+    assert [r["run"] for r in rows if r.get("selected")] == ["a2"]
+    a2 = next(r for r in rows if r["run"] == "a2")
+    assert a2["val_flops_cut_pct"] == pytest.approx(55.0) and a2["val_acc_delta_pts"] == pytest.approx(-0.5)
+    cfg.select.max_val_drop_pts = 0.1
+    assert not any(r.get("selected") for r in summarize(cfg))

@@ -153,6 +153,13 @@ def test_stages_chain_by_checkpoints(tmp_path):
     rl = _stage(tmp_path, "rl", ["model=skipnet20", "model.stage=rl", "model.train_execution=skip",
                                  "model.rl_batchnorm=eval", "model.reward_cost=flops", "model.baseline=true",
                                  f"model.net.pretrained={tmp_path / 'sp'}"])
+    rl_w = torch.load(rl["checkpoints"]["last"], weights_only=True)["state_dict"]
+    sp_best = torch.load(resolve_checkpoint(tmp_path / "sp"), weights_only=True)["state_dict"]
+    stats = [k for k in sp_best if k.startswith("net.backbone.") and k.endswith(("running_mean", "running_var"))]
+    # rl_batchnorm=eval under a real fit: the backbone's statistics are SP's, untouched by RL's batches,
+    # while the weights trained.
+    assert stats and all(torch.equal(rl_w[k], sp_best[k]) for k in stats)
+    assert not torch.equal(rl_w["net.backbone.fc.weight"], sp_best["net.backbone.fc.weight"])
     base_w = torch.load(base["checkpoints"]["best"], weights_only=True)["state_dict"]
     # The entry points hand builders the checkpoint a run folder stands for.
     sp_start = create_model("skipnet20_cifar", in_chans=1, backbone_pretrained=resolve_checkpoint(tmp_path / "base"))
@@ -261,6 +268,10 @@ def _module(**kwargs):
 
 def test_rl_batchnorm_eval_holds_through_lightnings_train_calls():
     m = _module(stage="rl", train_execution="skip", rl_batchnorm="eval", gate="ffgate2")
+    m.on_train_epoch_start()  # what a fit calls; it never calls train() itself
+    bns = [b for b in m.net.backbone.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+    assert bns and not any(b.training for b in bns)
+    m.eval()
     m.train()
     bns = [b for b in m.net.backbone.modules() if isinstance(b, torch.nn.BatchNorm2d)]
     gate_bns = [b for b in m.net.gate.modules() if isinstance(b, torch.nn.BatchNorm2d)]

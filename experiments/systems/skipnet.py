@@ -111,12 +111,20 @@ class SkipNetModule(ClassifierModule):
         self.test_report: dict[str, Any] = {}
 
     def train(self, mode: bool = True) -> "SkipNetModule":
-        """Training mode, with the backbone's BatchNorm in eval mode where ``rl_batchnorm="eval"``
-        (Lightning calls this before every training epoch and after every validation)."""
+        """Training mode, with the backbone's BatchNorm in eval mode where ``rl_batchnorm="eval"``."""
         super().train(mode)
-        if mode and self.hparams.get("stage") != "sp" and self.hparams.get("rl_batchnorm") == "eval":
-            self.net.batchnorm_eval()
+        if mode:
+            self._apply_batchnorm_mode()
         return self
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning does not call train() when fitting starts (modules are built in training mode) and
+        # restores each submodule's own mode after validation, so the mode is set here, every epoch.
+        self._apply_batchnorm_mode()
+
+    def _apply_batchnorm_mode(self) -> None:
+        if self.hparams.get("stage") != "sp" and self.hparams.get("rl_batchnorm") == "eval":
+            self.net.batchnorm_eval()
 
     def param_groups(self) -> Any:
         """One group, or with ``gate_lr`` two: the gates at their own learning rate, and the rest."""

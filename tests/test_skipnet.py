@@ -319,3 +319,19 @@ def test_gate_temperature_sharpens_the_projection_once():
 
     m = SkipNetModule(net, partial(torch.optim.SGD, lr=0.1), stage="rl", gate_temperature=0.05)
     assert torch.allclose(m.net.gate.proj.weight, before / 0.05)
+
+
+@pytest.mark.parametrize("experiment,reduction", [("cifar10_skipnet38_rl", "sum"), ("cifar10_skipnet110_rl", "sum"),
+                                                  ("cifar100_skipnet110_rl", "sum"), ("svhn_skipnet152_rl", "sum"),
+                                                  ("imagenet_skipnet101_rl", "mean")])
+def test_paper_recipes_reproduce_the_code_they_cite(tmp_path, experiment, reduction):
+    """CIFAR/SVHN code: .reinforce(0.01 R) sums over the batch; ImageNet code: .mean(), hotter(0.05) once."""
+    cfg = compose_config("train.yaml", [f"experiment={experiment}"], tmp_path)
+    m = cfg.model
+    assert (m.pg_reduction, m.rl_weight, m.baseline, m.entropy_weight) == (reduction, 0.01, False, 0.0)
+    assert m.train_execution == "masked" and m.rl_batchnorm == "train"  # the code: masked, model.train()
+    assert m.gate_temperature == (0.05 if experiment.startswith("imagenet") else 1.0)
+    assert "temperature" not in cfg.gate
+    if not experiment.startswith("imagenet"):  # SP from random initialisation, as train_sp.py
+        sp = compose_config("train.yaml", [f"experiment={experiment.replace('_rl', '_sp')}"], tmp_path / "sp")
+        assert sp.model.net.backbone.pretrained is None and sp.model.stage == "sp"

@@ -79,6 +79,19 @@ def test_bucket_table_and_cost_trend():
     assert aside["monotone_rising"] and aside["set_aside"]["2:unsolved"]["count"] == 3
 
 
+def test_a_flat_or_stalled_cost_is_never_said_to_rise():
+    from experiments.evaluation.report import trend_shape, trend_statements
+
+    assert trend_shape([1.0, 2.0, 4.0]) == "rises"
+    assert trend_shape([0.002135, 0.002135, 0.002135]) == "flat"
+    assert trend_shape([1.0, 1.0, 2.0]) == "mixed"  # stays put between the first two buckets
+    assert trend_shape([3.0, 2.0, 1.0]) == "falls" and trend_shape([1.0, 3.0, 2.0]) == "mixed"
+    flat = {"dyn": {"gflops_by_bucket": [2.0, 2.0, 2.0], "shape": "flat", "hardest_over_easiest": 1.0,
+                    "set_aside": {}}}
+    (line,) = trend_statements(flat)
+    assert "FLAT" in line and "rises" not in line
+
+
 def test_digits_evaluation_end_to_end(digits_runs, tmp_path):
     cfg = compose_config("eval.yaml", ["experiment=digits_eval_dynamic"], tmp_path)
     with open_dict(cfg):

@@ -66,6 +66,23 @@ def bucket_table(records: Sequence[dict[str, Any]], buckets: Buckets,
     return rows
 
 
+def trend_shape(values: Sequence[float], rel_tol: float = 1e-6) -> str:
+    """``"rises"`` (each value above the one before), ``"flat"`` (all equal within ``rel_tol``), ``"falls"``
+    (each below the one before), or ``"mixed"``. Equal neighbours in a sequence that is not flat make it
+    mixed: a cost that stays put between two buckets does not rise there."""
+    if len(values) < 2:
+        return "flat"
+    scale = max(abs(v) for v in values) or 1.0
+    steps = [(b - a) / scale for a, b in zip(values, values[1:])]
+    if all(abs(d) <= rel_tol for d in steps):
+        return "flat"
+    if all(d > rel_tol for d in steps):
+        return "rises"
+    if all(d < -rel_tol for d in steps):
+        return "falls"
+    return "mixed"
+
+
 def cost_trend(table: Sequence[dict[str, Any]], kinds: dict[str, str],
                set_aside: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
     """Per dynamic method: mean GFLOPs per bucket, easy to hard, and whether it never falls.
@@ -79,8 +96,8 @@ def cost_trend(table: Sequence[dict[str, Any]], kinds: dict[str, str],
             continue
         rows = [r for r in table if r["method"] == m]
         costs = [r["gflops_mean"] for r in rows if r["bucket"] not in set_aside]
-        rising = all(b >= a - 1e-15 for a, b in zip(costs, costs[1:]))
-        out[m] = {"kind": kind, "gflops_by_bucket": costs, "monotone_rising": rising,
+        shape = trend_shape(costs)
+        out[m] = {"kind": kind, "gflops_by_bucket": costs, "shape": shape, "monotone_rising": shape == "rises",
                   "hardest_over_easiest": costs[-1] / costs[0] if costs and costs[0] > 0 else math.nan,
                   "set_aside": {r["bucket"]: {"gflops_mean": r["gflops_mean"], "count": r["count"]}
                                 for r in rows if r["bucket"] in set_aside}}
@@ -155,9 +172,11 @@ def plot_all(points: Sequence[dict[str, Any]], table: Sequence[dict[str, Any]], 
 def trend_statements(trend: dict[str, dict[str, Any]]) -> list[str]:
     """One sentence per dynamic method on how its cost follows difficulty (a flat or falling sequence
     is said to be so)."""
+    verbs = {"rises": "rises strictly", "flat": "is FLAT", "falls": "FALLS",
+             "mixed": "does NOT rise strictly"}
     return [
-        f"{m}: mean GFLOPs per image {'rises' if t['monotone_rising'] else 'does NOT rise'} monotonically from the "
-        f"easiest to the hardest bucket ({' -> '.join(f'{c:.4g}' for c in t['gflops_by_bucket'])}; hardest/easiest "
+        f"{m}: mean GFLOPs per image {verbs[t.get('shape', 'mixed')]} from the easiest to the hardest bucket "
+        f"({' -> '.join(f'{c:.4g}' for c in t['gflops_by_bucket'])}; hardest/easiest "
         f"{t['hardest_over_easiest']:.2f}x)"
         + "".join(f"; set aside, {b} ({v['count']} inputs no model gets right): {v['gflops_mean']:.4g}"
                   for b, v in t["set_aside"].items())

@@ -2,12 +2,13 @@
 
 from experiments.data.base import ClassificationDataModule, TensorImageDataset, batches_to_tensor, split_indices
 from experiments.data.digits import DigitsDataModule
+from experiments.data.graded import GradedDigitsDataModule, GradedMNISTDataModule
 from experiments.data.mnist import MNISTDataModule
 from experiments.data.synthetic import SyntheticDataModule
 from experiments.data.vision import CIFAR10DataModule, CIFAR100DataModule, ImageNetDataModule, SVHNDataModule
 
 __all__ = [
-    "CIFAR10DataModule", "CIFAR100DataModule", "ClassificationDataModule", "DigitsDataModule", "ImageNetDataModule",
-    "MNISTDataModule", "SVHNDataModule", "SyntheticDataModule", "TensorImageDataset", "batches_to_tensor",
-    "split_indices",
+    "CIFAR10DataModule", "CIFAR100DataModule", "ClassificationDataModule", "DigitsDataModule",
+    "GradedDigitsDataModule", "GradedMNISTDataModule", "ImageNetDataModule", "MNISTDataModule", "SVHNDataModule",
+    "SyntheticDataModule", "TensorImageDataset", "batches_to_tensor", "split_indices",
 ]

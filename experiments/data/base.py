@@ -20,7 +20,8 @@ class TensorImageDataset(Dataset):
     """Images held in memory as a uint8 tensor ``[N, C, H, W]``, with a torchvision transform.
 
     Attributes:
-        difficulty: optional per-sample difficulty score (the synthetic data set sets it).
+        difficulty: optional per-sample difficulty score (the synthetic and graded data sets set it).
+        extras: optional per-sample tensors carried along by :meth:`subset` (e.g. a corruption family).
     """
 
     def __init__(
@@ -29,6 +30,7 @@ class TensorImageDataset(Dataset):
         targets: torch.Tensor,
         transform: Callable | None = None,
         difficulty: torch.Tensor | None = None,
+        extras: dict[str, torch.Tensor] | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
@@ -37,6 +39,7 @@ class TensorImageDataset(Dataset):
         self.images, self.targets = images, targets.long()
         self.transform = transform
         self.difficulty = difficulty
+        self.extras = dict(extras or {})
 
     def __len__(self) -> int:
         return len(self.images)
@@ -48,7 +51,8 @@ class TensorImageDataset(Dataset):
     def subset(self, indices: torch.Tensor, transform: Callable | None = None) -> "TensorImageDataset":
         """A new data set of the rows ``indices`` with its own transform (the storage is shared)."""
         diff = self.difficulty[indices] if self.difficulty is not None else None
-        return TensorImageDataset(self.images[indices], self.targets[indices], transform, diff)
+        return TensorImageDataset(self.images[indices], self.targets[indices], transform, diff,
+                                  {k: v[indices] for k, v in self.extras.items()})
 
 
 def split_indices(n: int, sizes: Sequence[int], seed: int) -> list[torch.Tensor]:
@@ -108,6 +112,10 @@ class ClassificationDataModule(LightningDataModule):
     def build(self) -> tuple[Dataset, Dataset, Dataset]:
         raise NotImplementedError
 
+    def prepare_images(self, images: torch.Tensor, targets: torch.Tensor) -> TensorImageDataset:
+        """The whole in-memory data set before it is split (graded data sets corrupt it here)."""
+        return TensorImageDataset(images, targets)
+
     def setup(self, stage: str | None = None) -> None:
         if self.data_train is None:
             self.data_train, self.data_val, self.data_test = self.build()
@@ -134,6 +142,13 @@ class ClassificationDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         self.setup()
         return self._loader(self.data_test, train=False)
+
+    def difficulty(self, split: str) -> torch.Tensor | None:
+        """The per-sample difficulty a data set records for ``split`` (``train``/``val``/``test``), in the
+        loaders' order (eval loaders do not shuffle), or None where it records none."""
+        self.setup()
+        ds = {"train": self.data_train, "val": self.data_val, "test": self.data_test}[split]
+        return getattr(ds, "difficulty", None)
 
     def split_sizes(self) -> dict[str, int]:
         """Number of samples per split (builds the splits if needed)."""

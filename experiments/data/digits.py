@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
-from experiments.data.base import ClassificationDataModule, TensorImageDataset, split_indices
+from experiments.data.base import ClassificationDataModule, split_indices
 
 # Pixel statistics of the whole set after scaling 0..16 to 0..1.
 DIGITS_MEAN, DIGITS_STD = (0.3054,), (0.3781,)
@@ -39,7 +39,7 @@ class DigitsDataModule(ClassificationDataModule):
 
     def build(self):
         images, targets = load_digits_tensors()
-        full = TensorImageDataset(images, targets)
+        full = self.prepare_images(images, targets)
         n = len(full)
         test_idx, val_idx, train_idx = split_indices(n, [self.test_size, self.val_size, n - self.test_size -
                                                           self.val_size], self.seed)

@@ -21,7 +21,7 @@ import torch
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from experiments.data.base import ClassificationDataModule, TensorImageDataset, split_indices
+from experiments.data.base import ClassificationDataModule, split_indices
 from gating.errors import UserError
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
@@ -118,7 +118,7 @@ class MNISTDataModule(ClassificationDataModule):
                     f"holding t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz] (or torchvision's "
                     f"MNIST/raw layout), or data.download=true"
                 )
-            full = TensorImageDataset(*load_t10k(str(folder.resolve())))
+            full = self.prepare_images(*load_t10k(str(folder.resolve())))
             train_idx, val_idx, test_idx = split_indices(len(full), T10K_SPLIT, seed=0)
             return full.subset(train_idx, train_tf), full.subset(val_idx, eval_tf), full.subset(test_idx, eval_tf)
         try:

@@ -121,6 +121,76 @@ def test_digits_evaluation_end_to_end(digits_runs, tmp_path):
     assert "cascade_3stage" in record["cost_by_difficulty"] and "skipnet20" in record["cost_by_difficulty"]
     points = {(p["method"], p["point"]) for p in record["points"]}
     assert ("skipnet20", "thr=0.3") in points and ("cascade_3stage", "eps=0") in points
+    adapt = record["adaptivity"]
+    assert set(adapt) == {"skipnet20", "random_skip", "cascade_3stage"}
+    assert adapt["skipnet20"]["random_skip"] == "random_skip" and len(adapt["skipnet20"]["acc_vs_random_pts"]) == 3
+    assert all(len(r) == 9 for r in adapt["skipnet20"]["exec_rate"] if r)  # per bucket, one rate per block
+    assert (tmp_path / "skip_pattern_skipnet20.png").is_file() and "Spearman" in (tmp_path / "report.md").read_text()
+
+
+def test_severity_evaluation_on_digits_c(digits_runs, tmp_path):
+    cfg = compose_config("eval.yaml", ["experiment=digits_eval_dynamic", "data=digits_c",
+                                       "evaluation.difficulty.kind=severity"], tmp_path)
+    with open_dict(cfg):
+        cfg.device = "cpu"
+        cfg.evaluation.latency.enabled = False
+        for node in cfg.evaluation.methods.values():
+            if node is not None:
+                node.run = node.run.replace(str(tmp_path / "logs"), str(digits_runs))
+    record = compare(cfg)
+    assert record["difficulty"]["labels"] == [f"{k}:severity{k}" for k in range(6)]
+    assert record["difficulty"]["counts"] == [50, 78, 58, 46, 62, 66]  # digits_c's test mix, seed 0
+    assert len(record["adaptivity"]["skipnet20"]["buckets"]) == 6  # no bucket set aside by severity
+
+
+def _rec(method, i, flops, correct, pattern="", exit_stage=-1):
+    return {"method": method, "index": i, "flops": flops, "correct": correct, "pattern": pattern,
+            "exit_stage": exit_stage}
+
+
+def test_adaptivity_metrics_on_hand_made_records():
+    from experiments.evaluation import severity_buckets
+    from experiments.evaluation.adaptivity import adaptivity_metrics, adaptivity_statements, spearman_rho
+
+    buckets = severity_buckets(np.array([0, 0, 1, 1, 2, 2]))
+    recs = [_rec("sk", i, f, c, p) for i, (f, c, p) in enumerate(
+        [(1e9, 1, "1000"), (1e9, 1, "1000"), (2e9, 1, "1100"), (2e9, 0, "1100"), (4e9, 1, "1111"), (3e9, 0, "1110")])]
+    recs += [_rec("rnd", i, 2e9, c, "1010") for i, c in enumerate([1, 0, 1, 0, 0, 0])]
+    recs += [_rec("flat", i, 2e9, 1, "1100") for i in range(6)]
+    recs += [_rec("cas", i, f, 1, exit_stage=e) for i, (f, e) in enumerate([(1e9, 0)] * 4 + [(5e9, 1)] * 2)]
+    m = adaptivity_metrics(recs, buckets, {"sk": "skipnet", "rnd": "random_skip", "flat": "skipnet",
+                                           "cas": "cascade", "static": "static"}, {"sk": "rnd"})
+    assert "static" not in m
+    sk = m["sk"]
+    assert sk["distinct_patterns"] == 4 and sk["gflops_mean"] == [1.0, 2.0, 3.5] and sk["shape"] == "rises"
+    assert sk["hardest_over_easiest"] == 3.5 and sk["gflops_p95"][2] == pytest.approx(3.95)
+    assert sk["spearman_rho"] == pytest.approx(spearman_rho([1, 1, 2, 2, 4, 3], [0, 0, 1, 1, 2, 2]))
+    assert sk["spearman_rho"] > 0.9
+    assert sk["acc_vs_random_pts"] == pytest.approx([50.0, 0.0, 50.0])  # sk 1, .5, .5; random .5, .5, 0
+    assert sk["exec_rate"][0] == [1.0, 0.0, 0.0, 0.0] and sk["exec_rate"][2] == [1.0, 1.0, 1.0, 0.5]
+    assert m["flat"]["shape"] == "flat" and m["flat"]["spearman_rho"] is None and m["flat"]["distinct_patterns"] == 1
+    assert m["cas"]["distinct_patterns"] == 2 and m["cas"]["exec_rate"] is None
+    lines = adaptivity_statements(m)
+    assert any("undefined (constant cost)" in ln and ln.startswith("flat:") for ln in lines)
+    assert any("random skipping per bucket (pts): +50.0, +0.0, +50.0" in ln for ln in lines)
+
+
+def test_spearman_rho_by_hand():
+    from experiments.evaluation.adaptivity import spearman_rho
+
+    assert spearman_rho([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman_rho([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # Ties take their average rank: ranks x (1.5, 1.5, 3, 4), y (1, 2, 3, 4) -> Pearson on ranks.
+    rx, ry = np.array([1.5, 1.5, 3, 4]) - 2.5, np.array([1, 2, 3, 4]) - 2.5
+    assert spearman_rho([5, 5, 6, 7], [1, 2, 3, 4]) == pytest.approx((rx @ ry) / np.sqrt((rx @ rx) * (ry @ ry)))
+    assert spearman_rho([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_severity_buckets_refuse_non_integer_levels():
+    from experiments.evaluation import severity_buckets
+
+    with pytest.raises(UserError, match="integer severities"):
+        severity_buckets(np.array([0.2, 0.5]))
 
 
 def test_evaluation_names_a_missing_run(tmp_path):

@@ -6,6 +6,8 @@
   1 - normalised entropy); the most confident inputs are the easiest.
 - :func:`score_buckets`: quantile buckets of a per-sample score you supply (higher = harder), read from
   a CSV file with an ``index`` column (the test sample's position) and a score column.
+- :func:`severity_buckets`: the difficulty a data set records per sample as an integer level (the
+  corruption severity 0-5 of ``mnist_c`` / ``digits_c``), one bucket per level.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 
 from gating.errors import UserError
 
-__all__ = ["Buckets", "confidence_buckets", "ladder_buckets", "score_buckets"]
+__all__ = ["Buckets", "confidence_buckets", "ladder_buckets", "score_buckets", "severity_buckets"]
 
 
 class Buckets:
@@ -37,6 +39,16 @@ def ladder_buckets(correct: Sequence[np.ndarray], names: Sequence[str]) -> Bucke
     first = np.where(c.any(0), c.argmax(0), len(names))
     return Buckets(first, [f"{k}:{n}" for k, n in enumerate(names)] + [f"{len(names)}:unsolved"],
                    f"model ladder {' < '.join(names)}: cheapest model that is right")
+
+
+def severity_buckets(severity: np.ndarray, levels: int | None = None) -> Buckets:
+    """Bucket ``k``: inputs of severity ``k`` (integers from 0, the clean inputs, up)."""
+    sev = np.asarray(severity)
+    if sev.size and (sev.min() < 0 or not np.issubdtype(sev.dtype, np.integer)):
+        raise UserError("severity buckets need integer severities from 0: use a data set that records them "
+                        "(data=mnist_c or data=digits_c)")
+    n = levels or (int(sev.max()) + 1 if sev.size else 1)
+    return Buckets(sev, [f"{k}:severity{k}" for k in range(n)], "corruption severity (0 = clean)")
 
 
 def _quantile_buckets(score: np.ndarray, n_buckets: int) -> np.ndarray:

@@ -109,6 +109,7 @@ def _input_records(model: ModelAdapter, out: BatchResult, labels: torch.Tensor, 
         "confidence": float(probs[i].max()), "flops": float(out.flops[i]),
         "exit_stage": int(out.exit_stage[i]) if out.exit_stage is not None else -1,
         "blocks": float(out.executed[i].sum()) if out.executed is not None else math.nan,
+        "pattern": "".join("1" if v else "0" for v in out.executed[i].tolist()) if out.executed is not None else "",
         "batch1_ms": float(b1[i]), "batch_share_ms": float(share[i]),
     } for i in range(len(labels))]
 

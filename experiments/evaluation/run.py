@@ -12,7 +12,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.data import batches_to_tensor
-from experiments.evaluation.difficulty import Buckets, confidence_buckets, ladder_buckets, score_buckets
+from experiments.evaluation.adaptivity import adaptivity_metrics, adaptivity_statements, plot_skip_heatmaps
+from experiments.evaluation.difficulty import (
+    Buckets,
+    confidence_buckets,
+    ladder_buckets,
+    score_buckets,
+    severity_buckets,
+)
 from experiments.evaluation.evaluator import EvaluationResult, evaluate_models
 from experiments.evaluation.report import (
     bucket_table,
@@ -28,6 +35,7 @@ from experiments.runs import load_run, output_dir, write_run_record
 from experiments.utils import Stopwatch, instantiate_list, user_facing
 from gating.adapters import ModelAdapter
 from gating.errors import UserError
+from skipnet import RandomSkipAdapter
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +46,16 @@ def load_models(methods: DictConfig) -> list[ModelAdapter]:
             if node is not None]
 
 
-def make_buckets(cfg: DictConfig, res: EvaluationResult, labels: np.ndarray) -> Buckets:
-    """The difficulty buckets the config asks for (``kind``: ladder, confidence or file)."""
+def make_buckets(cfg: DictConfig, res: EvaluationResult, labels: np.ndarray,
+                 recorded: "np.ndarray | None" = None) -> Buckets:
+    """The difficulty buckets the config asks for (``kind``: ladder, confidence, file, or severity: the
+    per-sample level the data set records, passed as ``recorded``)."""
     kind = cfg.kind
+    if kind == "severity":
+        if recorded is None:
+            raise UserError("difficulty.kind=severity needs a data set that records a severity per sample "
+                            "(data=mnist_c or data=digits_c)")
+        return severity_buckets(recorded)
     if kind == "ladder":
         missing = [m for m in cfg.ladder if m not in res.outputs]
         if missing:
@@ -59,7 +74,7 @@ def make_buckets(cfg: DictConfig, res: EvaluationResult, labels: np.ndarray) -> 
         return confidence_buckets(conf.numpy(), cfg.buckets, cfg.reference)
     if kind == "file":
         return score_buckets(cfg.file, cfg.column, len(labels), cfg.buckets)
-    raise UserError(f"difficulty.kind must be ladder, confidence or file, got {kind!r}")
+    raise UserError(f"difficulty.kind must be ladder, confidence, file or severity, got {kind!r}")
 
 
 def summarize(res: EvaluationResult, buckets: Buckets, models: list[ModelAdapter],
@@ -67,10 +82,13 @@ def summarize(res: EvaluationResult, buckets: Buckets, models: list[ModelAdapter
     """The tables computed from the records: per bucket, cost by difficulty, operating points."""
     table = bucket_table(res.records, buckets, {m.name: m.num_stages for m in models if m.num_stages > 1})
     unsolved = [lab for lab in buckets.labels if lab.endswith(":unsolved")]
-    trend = cost_trend(table, {m.name: m.kind for m in models}, unsolved)
+    kinds = {m.name: m.kind for m in models}
+    trend = cost_trend(table, kinds, unsolved)
+    random_of = {m.match_name: m.name for m in models if isinstance(m, RandomSkipAdapter) and m.match_name}
+    adaptivity = adaptivity_metrics(res.records, buckets, kinds, random_of, unsolved)
     for r in res.records:
         r["bucket"] = buckets.labels[buckets.bucket[r["index"]]]
-    return {"buckets": table, "trend": trend, "pareto": pareto_table(res.points, reference)}
+    return {"buckets": table, "trend": trend, "adaptivity": adaptivity, "pareto": pareto_table(res.points, reference)}
 
 
 @user_facing
@@ -83,16 +101,18 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     loader = datamodule.test_dataloader() if ev.get("split", "test") == "test" else datamodule.val_dataloader()
     x, y = batches_to_tensor(loader)
+    recorded = datamodule.difficulty(ev.get("split", "test")) if hasattr(datamodule, "difficulty") else None
     models = load_models(ev.methods)
     with watch("evaluate_s"):
         res = evaluate_models(models, x, y, device, ev.batch_size, ev.latency)
-    buckets = make_buckets(ev.difficulty, res, y.numpy())
+    buckets = make_buckets(ev.difficulty, res, y.numpy(), None if recorded is None else recorded.numpy())
     tables = summarize(res, buckets, models, ev.get("reference"))
-    statements = trend_statements(tables["trend"])
+    statements = trend_statements(tables["trend"]) + adaptivity_statements(tables["adaptivity"])
     for name, rows in (("records", res.records), ("points", res.points), ("buckets", tables["buckets"]),
                        ("pareto", tables["pareto"])):
         write_csv(out / f"{name}.csv", rows)
     plots = plot_all(res.points, tables["buckets"], buckets, out, ev.batch_size)
+    plots += plot_skip_heatmaps(tables["adaptivity"], buckets, out)
     head = {"run_name": cfg.get("run_name"), "n": len(x), "difficulty": buckets.definition, "device": str(device),
             "batch_size": ev.batch_size}
     (out / "report.md").write_text(render_report(head, tables, statements, plots))
@@ -101,7 +121,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
         "task": cfg.task_name, "run_name": cfg.get("run_name"), "output_dir": str(out),
         "difficulty": {"definition": buckets.definition, "labels": buckets.labels,
                        "counts": np.bincount(buckets.bucket, minlength=len(buckets.labels)).tolist()},
-        "cost_by_difficulty": tables["trend"], "statements": statements,
+        "cost_by_difficulty": tables["trend"], "adaptivity": tables["adaptivity"], "statements": statements,
         "metrics": {f"{p['method']}/{p['point']}/{k}": p[k] for p in res.points
                     for k in ("acc", "gflops_per_img", "batch_ms_per_img", "batch1_ms_p50") if p.get(k) is not None},
         "points": res.points, "buckets": tables["buckets"], "plots": [str(p) for p in plots],

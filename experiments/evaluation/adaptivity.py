@@ -1,0 +1,153 @@
+"""Does a dynamic model's computation follow the input? Adaptivity metrics from per-input records.
+
+For every dynamic method (SkipNet, random skipping, cascades), over the difficulty buckets that form
+the trend (a ladder's "unsolved" bucket is set aside):
+
+- ``distinct_patterns``: how many different skip patterns (or exit stages) the inputs took; 1 is a
+  static network in disguise;
+- ``gflops_mean`` / ``gflops_p95`` per bucket, ``hardest_over_easiest`` (mean cost of the hardest
+  bucket over the easiest) and ``shape`` (rises / flat / falls / mixed, strictly: see
+  :func:`experiments.evaluation.report.trend_shape`);
+- ``spearman_rho``: Spearman's rank correlation between each input's cost and its difficulty bucket
+  (None when the cost or the difficulty is constant: there is nothing to rank);
+- ``acc_vs_random_pts``: per bucket, its accuracy minus that of random skipping at its own per-block
+  rates (the evaluation's ``kind: random_skip`` method that ``match``es it), in points;
+- ``exec_rate``: per bucket, each block's execution rate (the heat map's rows).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from experiments.evaluation.difficulty import Buckets
+
+__all__ = ["adaptivity_metrics", "adaptivity_statements", "plot_skip_heatmaps", "spearman_rho"]
+
+
+def _ranks(v: np.ndarray) -> np.ndarray:
+    """Ranks 1..n with ties given their average rank."""
+    order = np.argsort(v, kind="stable")
+    ranks = np.empty(len(v), dtype=np.float64)
+    ranks[order] = np.arange(1, len(v) + 1)
+    _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return (sums / counts)[inverse]
+
+
+def spearman_rho(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's rank correlation (Pearson's on average ranks); None if either side is constant."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None
+    rx, ry = _ranks(x), _ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return float((rx * ry).sum() / np.sqrt((rx * rx).sum() * (ry * ry).sum()))
+
+
+def _patterns(recs: Sequence[dict[str, Any]]) -> list[str]:
+    return [r.get("pattern") or (f"exit{r['exit_stage']}" if r.get("exit_stage", -1) >= 0 else "") for r in recs]
+
+
+def _exec_rates(patterns: list[str], bucket: np.ndarray, n_buckets: int) -> list[list[float]] | None:
+    if not patterns or not all(p and set(p) <= {"0", "1"} for p in patterns):
+        return None
+    bits = np.array([[c == "1" for c in p] for p in patterns], dtype=np.float64)
+    return [bits[bucket == k].mean(0).round(4).tolist() if (bucket == k).any() else [] for k in range(n_buckets)]
+
+
+def _one(recs: list[dict[str, Any]], buckets: Buckets, keep: list[int]) -> dict[str, Any]:
+    from experiments.evaluation.report import trend_shape
+
+    b = buckets.bucket[[r["index"] for r in recs]]
+    cost = np.array([r["flops"] for r in recs], dtype=np.float64) / 1e9
+    correct = np.array([r["correct"] for r in recs], dtype=np.float64)
+    in_trend = np.isin(b, keep)
+    means = [float(cost[b == k].mean()) for k in keep if (b == k).any()]
+    patterns = _patterns(recs)
+    return {
+        "distinct_patterns": len(set(patterns)) if any(patterns) else None,
+        "buckets": [buckets.labels[k] for k in keep if (b == k).any()],
+        "gflops_mean": means,
+        "gflops_p95": [float(np.percentile(cost[b == k], 95)) for k in keep if (b == k).any()],
+        "acc": [float(correct[b == k].mean()) for k in keep if (b == k).any()],
+        "hardest_over_easiest": means[-1] / means[0] if means and means[0] > 0 else None,
+        "shape": trend_shape(means),
+        "spearman_rho": spearman_rho(cost[in_trend], b[in_trend]),
+        "exec_rate": _exec_rates(patterns, b, len(buckets.labels)),
+    }
+
+
+def adaptivity_metrics(records: Sequence[dict[str, Any]], buckets: Buckets, kinds: dict[str, str],
+                       random_of: dict[str, str] | None = None, set_aside: Sequence[str] = ()) -> dict[str, Any]:
+    """The metrics above for every non-static method of ``records``.
+
+    Args:
+        records: per-input records (``method``, ``index``, ``flops``, ``correct``, and ``pattern`` or
+            ``exit_stage``).
+        buckets: the difficulty of every input.
+        kinds: method -> kind (``static`` methods are skipped).
+        random_of: SkipNet method -> the random-skipping method matched to it.
+        set_aside: bucket labels left out of the trend (the ladder's unsolved inputs).
+    """
+    keep = [k for k, lab in enumerate(buckets.labels) if lab not in set_aside]
+    out: dict[str, Any] = {}
+    for m, kind in kinds.items():
+        recs = [r for r in records if r["method"] == m]
+        if kind == "static" or not recs:
+            continue
+        out[m] = {"kind": kind, **_one(recs, buckets, keep)}
+    for m, rnd in (random_of or {}).items():
+        if m in out and rnd in out and out[m]["buckets"] == out[rnd]["buckets"]:
+            out[m]["random_skip"] = rnd
+            out[m]["acc_vs_random_pts"] = [100.0 * (a - r) for a, r in zip(out[m]["acc"], out[rnd]["acc"])]
+    return out
+
+
+def adaptivity_statements(metrics: dict[str, Any]) -> list[str]:
+    """One line per method: patterns, Spearman's rho, the hardest/easiest ratio, and the gap to random skipping."""
+    lines = []
+    for m, a in metrics.items():
+        rho = "undefined (constant cost)" if a["spearman_rho"] is None else f"{a['spearman_rho']:+.3f}"
+        ratio = "n/a" if a["hardest_over_easiest"] is None else f"{a['hardest_over_easiest']:.2f}x"
+        line = (f"{m}: {a['distinct_patterns'] if a['distinct_patterns'] is not None else 'n/a'} distinct patterns; "
+                f"cost {a['shape']} over {len(a['buckets'])} buckets (hardest/easiest {ratio}); "
+                f"Spearman rho(cost, difficulty) {rho}")
+        if "acc_vs_random_pts" in a:
+            gaps = ", ".join(f"{g:+.1f}" for g in a["acc_vs_random_pts"])
+            line += f"; accuracy minus random skipping per bucket (pts): {gaps}"
+        lines.append(line)
+    return lines
+
+
+def plot_skip_heatmaps(metrics: dict[str, Any], buckets: Buckets, out: Path) -> list[Path]:
+    """``skip_pattern_<method>.png``: each block's execution rate per difficulty bucket (blocks x buckets)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for m, a in metrics.items():
+        rates = a.get("exec_rate")
+        if not rates or not any(rates):
+            continue
+        cols = [(k, r) for k, r in enumerate(rates) if r]
+        grid = np.array([r for _, r in cols]).T  # blocks x buckets
+        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(cols), 0.6 + 0.22 * grid.shape[0]))
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+        ax.set_xticks(range(len(cols)))
+        ax.set_xticklabels([buckets.labels[k] for k, _ in cols], fontsize=7, rotation=30, ha="right")
+        ax.set_yticks(range(grid.shape[0]))
+        ax.set_yticklabels([str(i) for i in range(grid.shape[0])], fontsize=6)
+        ax.set_ylabel("block")
+        ax.set_title(f"{m}: execution rate per block and bucket", fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.05)
+        fig.tight_layout()
+        path = out / f"skip_pattern_{m}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths

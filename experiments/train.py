@@ -79,6 +79,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     if getattr(model, "test_report", None):  # dynamic models: execution rates, skip patterns, ...
         record["test_report"] = model.test_report
+    if getattr(model, "test_inputs", None):  # does the cost follow the input? (by severity where recorded)
+        from experiments.evaluation.adaptivity import run_adaptivity
+
+        levels = datamodule.difficulty("test") if hasattr(datamodule, "difficulty") else None
+        record["adaptivity"] = run_adaptivity(model.test_inputs, None if levels is None else levels.numpy())
     write_run_record(cfg, record)
     for key in ("val/acc_best", "test/acc", "test/gflops_per_img"):
         if key in record["metrics"]:

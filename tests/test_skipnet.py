@@ -335,3 +335,16 @@ def test_paper_recipes_reproduce_the_code_they_cite(tmp_path, experiment, reduct
     if not experiment.startswith("imagenet"):  # SP from random initialisation, as train_sp.py
         sp = compose_config("train.yaml", [f"experiment={experiment.replace('_rl', '_sp')}"], tmp_path / "sp")
         assert sp.model.net.backbone.pretrained is None and sp.model.stage == "sp"
+
+
+def test_a_skipnet_run_records_its_adaptivity_by_severity(tmp_path):
+    cfg = shrink(compose_config("train.yaml", ["data=digits_c", "model=skipnet20", "model.stage=sp"], tmp_path))
+    with open_dict(cfg):
+        cfg.trainer.limit_test_batches = None  # the whole test split: every severity present
+    record = train(cfg)
+    a = record["adaptivity"]
+    assert a["buckets"] == [f"{k}:severity{k}" for k in range(6)] and len(a["gflops_mean"]) == 6
+    assert a["distinct_patterns"] == record["test_report"]["distinct_patterns"]
+    assert a["shape"] in ("rises", "flat", "falls", "mixed") and len(a["exec_rate"][0]) == 9
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["adaptivity"]["difficulty"] == "corruption severity (0 = clean)"

@@ -22,9 +22,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from experiments.evaluation.difficulty import Buckets
+from experiments.evaluation.difficulty import Buckets, severity_buckets
+from experiments.evaluation.report import trend_shape
 
-__all__ = ["adaptivity_metrics", "adaptivity_statements", "plot_skip_heatmaps", "spearman_rho"]
+__all__ = ["adaptivity_metrics", "adaptivity_statements", "plot_skip_heatmaps", "run_adaptivity", "spearman_rho"]
 
 
 def _ranks(v: np.ndarray) -> np.ndarray:
@@ -59,8 +60,6 @@ def _exec_rates(patterns: list[str], bucket: np.ndarray, n_buckets: int) -> list
 
 
 def _one(recs: list[dict[str, Any]], buckets: Buckets, keep: list[int]) -> dict[str, Any]:
-    from experiments.evaluation.report import trend_shape
-
     b = buckets.bucket[[r["index"] for r in recs]]
     cost = np.array([r["flops"] for r in recs], dtype=np.float64) / 1e9
     correct = np.array([r["correct"] for r in recs], dtype=np.float64)
@@ -151,3 +150,18 @@ def plot_skip_heatmaps(metrics: dict[str, Any], buckets: Buckets, out: Path) -> 
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def run_adaptivity(records: Sequence[dict[str, Any]], difficulty: Any = None) -> dict[str, Any] | None:
+    """A training run's adaptivity from its test inputs (one method): by severity where the data set records
+    integer levels, else over the whole test split as one bucket."""
+    if not records:
+        return None
+    n = max(r["index"] for r in records) + 1
+    levels = None if difficulty is None else np.asarray(difficulty)
+    if levels is not None and len(levels) == n and np.issubdtype(levels.dtype, np.integer):
+        buckets = severity_buckets(levels)
+    else:
+        buckets = Buckets(np.zeros(n, dtype=np.int64), ["0:all"], "all test inputs (no difficulty recorded)")
+    name = records[0]["method"]
+    return {"difficulty": buckets.definition, **adaptivity_metrics(records, buckets, {name: "skipnet"})[name]}

@@ -109,6 +109,7 @@ class SkipNetModule(ClassifierModule):
         self._test_count = 0
         self._patterns: Counter[str] = Counter()
         self.test_report: dict[str, Any] = {}
+        self.test_inputs: list[dict[str, Any]] = []
 
     def train(self, mode: bool = True) -> "SkipNetModule":
         """Training mode, with the backbone's BatchNorm in eval mode where ``rl_batchnorm="eval"``."""
@@ -209,15 +210,22 @@ class SkipNetModule(ClassifierModule):
 
     def on_test_epoch_start(self) -> None:
         self._test_exec_sum, self._test_count, self._patterns = None, 0, Counter()
+        self.test_inputs = []
 
     def test_step(self, batch, batch_idx: int) -> None:
         out, y, flops, comp = self._eval_step(batch)
         self._log_eval("test", out, y, flops, comp)
         executed = out.executed.detach().cpu()
         s = executed.sum(0)
+        patterns = ["".join("1" if v else "0" for v in row) for row in executed.bool().tolist()]
+        correct = (out.logits.argmax(1) == batch[1]).cpu().tolist()
+        # Per input, in the test loader's order (one process): what experiments.train scores adaptivity from.
+        self.test_inputs.extend({"method": self.hparams.get("name") or "skipnet", "index": self._test_count + i,
+                                 "flops": float(f), "correct": int(c), "pattern": p}
+                                for i, (f, c, p) in enumerate(zip(flops.cpu().tolist(), correct, patterns)))
         self._test_exec_sum = s if self._test_exec_sum is None else self._test_exec_sum + s
         self._test_count += executed.shape[0]
-        self._patterns.update("".join("1" if v else "0" for v in row) for row in executed.bool().tolist())
+        self._patterns.update(patterns)
 
     def on_test_epoch_end(self) -> None:
         if not self._test_count:

@@ -7,6 +7,10 @@
 * ``soft`` (the ablation): the gate value is p itself during training.
 * ``sample`` (hybrid RL): the action is drawn from Bernoulli(p); its log-probability feeds REINFORCE.
 * ``greedy`` (inference): execute if p > threshold, no gradient.
+* ``gumbel`` (ConvNet-AIG, Veit & Belongie ECCV'18): logistic noise (the difference of two Gumbel draws)
+  is added to the logit, ``sigmoid((logit + noise) / temperature)`` is thresholded at 0.5 in the forward
+  pass and its gradient used in the backward pass (straight-through Gumbel-sigmoid). ``action`` carries
+  that gradient, so a loss on the execution rate trains the gates.
 
 ``threshold`` above 0.5 makes a model skip more: the knob a server can turn under load.
 """
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-MODES = ("hard_st", "soft", "sample", "greedy")
+MODES = ("hard_st", "soft", "sample", "greedy", "gumbel")
 
 
 @dataclass
@@ -47,9 +51,16 @@ def threshold_logit(threshold: float) -> float:
     return math.log(threshold / (1.0 - threshold))
 
 
-def decide(logit: torch.Tensor, mode: str, threshold: float = 0.5) -> GateDecision:
-    """Turn gate logits ``[B]`` into a decision (see the module docstring for the modes)."""
+def decide(logit: torch.Tensor, mode: str, threshold: float = 0.5, temperature: float = 1.0) -> GateDecision:
+    """Turn gate logits ``[B]`` into a decision (see the module docstring for the modes; ``temperature`` is
+    the Gumbel-sigmoid's)."""
     prob = torch.sigmoid(logit)
+    if mode == "gumbel":
+        u = torch.rand_like(logit).clamp(1e-6, 1 - 1e-6)
+        soft = torch.sigmoid((logit + torch.log(u) - torch.log1p(-u)) / temperature)
+        hard = (soft > 0.5).to(logit.dtype)
+        st = (hard - soft.detach()) + soft
+        return GateDecision(st, st, prob)
     if mode == "greedy":
         action = (logit > threshold_logit(threshold)).to(logit.dtype)
         return GateDecision(action, action, prob)
@@ -65,3 +76,12 @@ def decide(logit: torch.Tensor, mode: str, threshold: float = 0.5) -> GateDecisi
         log_prob = -F.binary_cross_entropy_with_logits(logit, action, reduction="none")
         return GateDecision(action, action, prob, log_prob)
     raise ValueError(f"unknown gate mode {mode!r}; one of {MODES}")
+
+
+def target_rate_loss(gates: torch.Tensor, target: float, per_layer: bool = True) -> torch.Tensor:
+    """ConvNet-AIG's target-rate loss on the execution decisions ``gates`` ``[B, G]`` (0/1 values that carry
+    a straight-through gradient): per layer, the mean over gates of ``(mean_b g_i - target)^2``; or globally,
+    ``(mean_{b,i} g - target)^2``."""
+    if per_layer:
+        return ((gates.mean(0) - target) ** 2).mean()
+    return (gates.mean() - target) ** 2

@@ -50,12 +50,18 @@ def returns_to_go(rewards: torch.Tensor, terminal: torch.Tensor) -> torch.Tensor
 
 def policy_gradient_loss(log_probs: torch.Tensor, returns: torch.Tensor, baseline: torch.Tensor | float = 0.0,
                          entropy: torch.Tensor | None = None, entropy_weight: float = 0.0,
-                         reduction: str = "mean") -> torch.Tensor:
+                         reduction: str = "mean", normalize: bool = False) -> torch.Tensor:
     """REINFORCE: ``-sum_i log pi(a_i) * (R_i - baseline)`` per sample, minus an optional entropy bonus,
-    then the batch ``mean`` (SkipNet's ImageNet code) or ``sum`` (its CIFAR code's ``.reinforce``)."""
+    then the batch ``mean`` (SkipNet's ImageNet code) or ``sum`` (its CIFAR code's ``.reinforce``).
+
+    ``baseline`` may be a number, one value per gate ``[G]`` (a moving average) or one per sample and gate
+    ``[B, G]`` (self-critical: the greedy policy's own returns on the same input). ``normalize`` scales the
+    advantages of the batch to zero mean and unit variance (reward normalisation)."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     advantage = (returns - baseline).detach()
+    if normalize:
+        advantage = (advantage - advantage.mean()) / (advantage.std(unbiased=False) + 1e-6)
     per_sample = -(log_probs * advantage).sum(1)
     if entropy is not None and entropy_weight:
         per_sample = per_sample - entropy_weight * entropy.sum(1)
@@ -70,3 +76,14 @@ def bernoulli_entropy(prob: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 def update_baseline(baseline: torch.Tensor, returns: torch.Tensor, momentum: float) -> torch.Tensor:
     """Moving-average baseline per gate position: ``m * b + (1 - m) * mean_batch(R)``; returns the new value."""
     return momentum * baseline + (1.0 - momentum) * returns.detach().mean(0)
+
+
+def budget_penalty(share: torch.Tensor, target: float, weight: float) -> torch.Tensor:
+    """The budget form of the cost reward, per sample ``[B]``: ``-weight * (share_i - target)`` for every
+    sample when the batch's mean computation share exceeds ``target``, else 0.
+
+    ``share`` is each input's executed share of the gated cost (0..1). Over budget, an input cheaper than
+    the target earns credit and a dearer one pays, so cheap inputs can pay for expensive ones; within
+    budget only accuracy counts."""
+    over = (share.mean() > target).to(share.dtype)
+    return -weight * (share - target) * over

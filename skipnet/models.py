@@ -101,6 +101,8 @@ class SkipResNet(nn.Module):
         actions: torch.Tensor | None = None,
         threshold: float | None = None,
         run_gates: bool = True,
+        open_first: int = 0,
+        temperature: float = 1.0,
     ) -> SkipOutput:
         """Run the gated network.
 
@@ -114,10 +116,14 @@ class SkipResNet(nn.Module):
             threshold: overrides the model's execute threshold (a server raises it to skip more).
             run_gates: with ``actions``, False leaves the gates out (their probabilities are reported
                 as the actions): isolates the execution engine's own cost in benchmarks.
+            open_first: blocks ``1 .. open_first`` execute whatever their gate says (a curriculum that
+                opens the decisions block by block from the last, as BlockDrop does); their gates still
+                run, and in ``sample`` mode their log-probability is 0, so they get no policy gradient.
+            temperature: the Gumbel-sigmoid temperature (``mode="gumbel"``).
         """
         mode = mode or ("hard_st" if self.training else "greedy")
         execution = execution or ("masked" if self.training else "skip")
-        if execution == "skip" and mode in ("hard_st", "soft") and torch.is_grad_enabled() and self.training:
+        if execution == "skip" and mode in ("hard_st", "soft", "gumbel") and torch.is_grad_enabled() and self.training:
             raise ValueError(f"mode={mode!r} trains through the block outputs of closed gates: use execution='masked'")
         thr = self.threshold if threshold is None else threshold
         if actions is None and not run_gates:
@@ -131,7 +137,7 @@ class SkipResNet(nn.Module):
         executed = [x.new_ones(batch)]
         probs, log_probs = [], []
         for i in range(1, self.num_blocks):
-            d, state = self._decide(i, x, state, mode, thr, actions, run_gates)
+            d, state = self._decide(i, x, state, mode, thr, actions, run_gates, i <= open_first, temperature)
             x = self._run_block(self._blocks[i], x, d, execution)
             executed.append(d.action)
             probs.append(d.prob)
@@ -142,8 +148,8 @@ class SkipResNet(nn.Module):
                           torch.stack(log_probs, 1) if log_probs else None)
 
     def _decide(self, i: int, x: torch.Tensor, state, mode: str, threshold: float, actions: torch.Tensor | None,
-                run_gates: bool) -> tuple[GateDecision, object]:
-        """Block ``i``'s decision for the batch: the gate's (``mode``), or forced ``actions``."""
+                run_gates: bool, forced_open: bool = False, temperature: float = 1.0) -> tuple[GateDecision, object]:
+        """Block ``i``'s decision for the batch: the gate's (``mode``), or forced ``actions`` / ``forced_open``."""
         if actions is not None and not run_gates:
             a = actions[:, i].to(x.dtype)
             return GateDecision(a, a, a), state
@@ -151,7 +157,11 @@ class SkipResNet(nn.Module):
         if actions is not None:
             a = actions[:, i].to(logit.dtype)
             return GateDecision(a, a, torch.sigmoid(logit)), state
-        return decide(logit, mode, threshold), state
+        if forced_open:
+            one = torch.ones_like(logit)
+            log_prob = torch.zeros_like(logit) if mode == "sample" else None
+            return GateDecision(one, one, torch.sigmoid(logit), log_prob), state
+        return decide(logit, mode, threshold, temperature), state
 
     @staticmethod
     def _run_block(block: nn.Module, x: torch.Tensor, d: GateDecision, execution: str) -> torch.Tensor:

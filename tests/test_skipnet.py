@@ -348,3 +348,111 @@ def test_a_skipnet_run_records_its_adaptivity_by_severity(tmp_path):
     assert a["shape"] in ("rises", "flat", "falls", "mixed") and len(a["exec_rate"][0]) == 9
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["adaptivity"]["difficulty"] == "corruption severity (0 = clean)"
+
+
+def _fit_few_steps(module, steps: int = 4, epochs: int = 1):
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 1, 12, 12, generator=g), torch.randint(0, 10, (64,), generator=g))
+    trainer = pl.Trainer(max_epochs=epochs, limit_train_batches=steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=16))
+    return trainer
+
+
+@pytest.mark.parametrize("options", [
+    {"stage": "rl", "baseline": "self_critical"},
+    {"stage": "rl", "baseline": "moving", "normalize_advantage": True},
+    {"stage": "rl", "entropy_weight": 0.1},
+    {"stage": "rl", "curriculum_epochs": 2},
+    {"stage": "rl", "reward": "budget", "budget": 0.3, "alpha": 0.0},
+    {"stage": "gumbel", "target_rate": 0.3, "target_rate_per_layer": False},
+    {"stage": "gumbel", "target_rate": 0.3},
+], ids=["self_critical", "normalized", "entropy", "curriculum", "budget", "gumbel_global", "gumbel_per_layer"])
+def test_each_training_switch_trains_the_gates(options):
+    from functools import partial
+
+    from experiments.systems import SkipNetModule
+
+    torch.manual_seed(0)
+    net = create_model("skipnet20_cifar", in_chans=1)
+    module = SkipNetModule(net, partial(torch.optim.SGD, lr=0.5), rl_weight=1.0, **options)
+    before = {k: v.clone() for k, v in net.gate.state_dict().items()}
+    _fit_few_steps(module)
+    after = net.gate.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before), options
+
+
+def test_curriculum_opens_the_gates_from_the_last():
+    from functools import partial
+
+    from experiments.systems import SkipNetModule
+
+    net = create_model("skipnet20_cifar", in_chans=1)  # 8 gates
+    module = SkipNetModule(net, partial(torch.optim.SGD, lr=0.1), stage="rl", curriculum_epochs=4)
+    seen = []
+
+    import pytorch_lightning as pl
+
+    class Record(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen.append(pl_module.curriculum_open_first())
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = TensorDataset(torch.randn(16, 1, 12, 12), torch.randint(0, 10, (16,)))
+    pl.Trainer(max_epochs=5, limit_train_batches=1, logger=False, enable_checkpointing=False, callbacks=[Record()],
+               enable_progress_bar=False, enable_model_summary=False, accelerator="cpu").fit(
+        module, train_dataloaders=DataLoader(data, batch_size=16))
+    assert seen == [6, 4, 2, 0, 0]  # 2, 4, 6, 8 gates learned, then all
+    x = torch.randn(5, 1, 12, 12)
+    out = net(x, mode="sample", execution="masked", open_first=6)
+    assert out.executed[:, 1:7].eq(1).all() and out.log_probs[:, :6].eq(0).all()
+
+
+def test_budget_penalty_and_target_rate_by_hand():
+    from gating.policy import decide, target_rate_loss
+    from gating.reinforce import budget_penalty
+
+    share = torch.tensor([0.2, 0.8, 0.9])  # mean 0.633 > 0.5: over budget, each pays its own excess
+    assert torch.allclose(budget_penalty(share, 0.5, 2.0), torch.tensor([0.6, -0.6, -0.8]))
+    assert torch.equal(budget_penalty(torch.tensor([0.2, 0.6]), 0.5, 2.0), torch.zeros(2))  # within budget
+    gates = torch.tensor([[1.0, 0.0], [1.0, 1.0]])  # per-gate rates 1.0 and 0.5
+    assert target_rate_loss(gates, 0.5).item() == pytest.approx((0.25 + 0.0) / 2)
+    assert target_rate_loss(gates, 0.5, per_layer=False).item() == pytest.approx(0.0625)
+    torch.manual_seed(0)
+    logit = torch.zeros(4000, requires_grad=True)
+    d = decide(logit, "gumbel", temperature=0.5)
+    assert set(d.action.detach().unique().tolist()) <= {0.0, 1.0} and 0.45 < d.action.mean().item() < 0.55
+    d.action.sum().backward()
+    assert logit.grad.abs().sum() > 0  # the straight-through gradient reaches the logits
+
+
+def test_self_critical_baseline_is_the_greedy_policys_return_per_input():
+    from functools import partial
+
+    from experiments.systems import SkipNetModule
+
+    torch.manual_seed(0)
+    net = create_model("skipnet20_cifar", in_chans=1)
+    with torch.no_grad():
+        for p in net.gate.parameters():
+            p.mul_(3.0)
+    module = SkipNetModule(net, partial(torch.optim.SGD, lr=0.1), stage="rl", baseline="self_critical", alpha=1.0)
+    module.train()
+    stats = net.backbone.bn1.running_mean.clone()
+    x, y = torch.randn(8, 1, 12, 12), torch.randint(0, 10, (8,))
+    base = module._baseline(x, y, 0)
+    assert base.shape == (8, net.num_gates) and base[:, 0].unique().numel() > 1  # one baseline per input
+    assert net.training and net.backbone.bn1.training  # the greedy pass ran in eval mode and left no trace
+    assert torch.equal(net.backbone.bn1.running_mean, stats)
+    with torch.no_grad():
+        net.eval()
+        g = net(x)
+        net.train()
+    expected = module.returns(g.executed, torch.nn.functional.cross_entropy(g.logits, y, reduction="none"), x)
+    assert torch.allclose(base, expected)
+    with pytest.raises(ValueError, match="baseline"):
+        SkipNetModule(net, partial(torch.optim.SGD, lr=0.1), stage="rl", baseline="greedy")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -11,9 +13,11 @@ from torchmetrics import MeanMetric
 
 from experiments.systems.classifier import ClassifierModule
 from gating.cost import CostTable
+from gating.policy import target_rate_loss
 from gating.reinforce import (
     REDUCTIONS,
     bernoulli_entropy,
+    budget_penalty,
     cost_shares,
     policy_gradient_loss,
     returns_to_go,
@@ -22,8 +26,10 @@ from gating.reinforce import (
 )
 from skipnet.models import SkipOutput, SkipResNet
 
-STAGES = ("sp", "rl", "finetune")
+STAGES = ("sp", "rl", "finetune", "gumbel")
 BATCHNORM_MODES = ("train", "eval")
+BASELINES = ("none", "moving", "self_critical")
+REWARDS = ("skip", "budget")
 
 
 class SkipNetModule(ClassifierModule):
@@ -33,9 +39,10 @@ class SkipNetModule(ClassifierModule):
         net: the gated network.
         stage: ``"sp"`` (supervised pre-training: cross-entropy through straight-through hard gates, or
             soft gates with ``sp_gate="soft"``), ``"rl"`` (hybrid RL: sampled gates, REINFORCE with
-            the computation reward, plus cross-entropy), or ``"finetune"`` (an optional stage after RL,
+            the computation reward, plus cross-entropy), ``"finetune"`` (an optional stage after RL,
             not in the paper: gates frozen and greedy, the backbone trained by cross-entropy on the
-            network exactly as it executes at inference).
+            network exactly as it executes at inference), or ``"gumbel"`` (ConvNet-AIG's purely
+            supervised route, below).
         sp_gate: ``"hard"`` (straight-through) or ``"soft"`` (the ablation).
         train_execution: ``"masked"`` (SkipNet's code) or ``"skip"`` (RL and fine-tune only: skipped rows
             are not computed, which is exact for sampled actions and faster; needs
@@ -57,9 +64,20 @@ class SkipNetModule(ClassifierModule):
         gate_lr: the gates' own learning rate (a second parameter group); None: the optimizer's.
         reward_cost: ``"uniform"`` (each gate's share is 1/N, as in the paper) or ``"flops"`` (its share
             of the gated blocks' measured FLOPs).
-        baseline: subtract a moving-average baseline per gate (off in the paper).
-        baseline_momentum: its momentum.
+        baseline: ``"none"`` (the paper), ``"moving"`` (a moving average per gate; ``true`` means this)
+            or ``"self_critical"`` (per input, the greedy policy's own returns on it, as BlockDrop).
+        baseline_momentum: the moving average's momentum.
         entropy_weight: entropy bonus weight (0 in the paper).
+        normalize_advantage: scale each batch's advantages to zero mean and unit variance.
+        curriculum_epochs: over the first this many epochs, the gates open to learning block by block
+            from the last (BlockDrop's curriculum): earlier blocks execute; 0 switches it off.
+        reward: ``"skip"`` (the paper: ``alpha`` times the cost share of every skipped block) or
+            ``"budget"`` (no per-skip reward; when a batch's mean executed share exceeds ``budget``, every
+            input pays ``budget_weight * (its share - budget)``: cheap inputs earn what dear ones spend).
+        budget, budget_weight: the budget form's target share of the gated cost and its weight.
+        gumbel_temperature, target_rate, target_rate_weight, target_rate_per_layer: ``stage="gumbel"``
+            (ConvNet-AIG): straight-through Gumbel-sigmoid gates trained by cross-entropy plus
+            ``target_rate_weight`` times the target-rate loss (per layer or global), masked execution.
         **kwargs: see :class:`experiments.systems.ClassifierModule`.
 
     Logged (all with units): ``{val,test}/acc``, ``{val,test}/gflops_per_img`` (exact, gates
@@ -84,9 +102,18 @@ class SkipNetModule(ClassifierModule):
         gate_temperature: float = 1.0,
         gate_lr: float | None = None,
         reward_cost: str = "uniform",
-        baseline: bool = False,
+        baseline: bool | str = False,
         baseline_momentum: float = 0.9,
         entropy_weight: float = 0.0,
+        normalize_advantage: bool = False,
+        curriculum_epochs: int = 0,
+        reward: str = "skip",
+        budget: float = 0.5,
+        budget_weight: float = 1.0,
+        gumbel_temperature: float = 1.0,
+        target_rate: float = 0.5,
+        target_rate_weight: float = 1.0,
+        target_rate_per_layer: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(net, optimizer, scheduler, **kwargs)
@@ -95,6 +122,10 @@ class SkipNetModule(ClassifierModule):
         if reward_cost not in ("uniform", "flops"):
             raise ValueError(f"reward_cost must be 'uniform' or 'flops', got {reward_cost!r}")
         _check_choices(train_execution, rl_batchnorm, pg_reduction, stage)
+        self.baseline_mode = _baseline_mode(baseline)
+        if reward not in REWARDS or not 0.0 < budget <= 1.0 or not 0.0 <= target_rate <= 1.0:
+            raise ValueError(f"reward must be one of {REWARDS} (got {reward!r}), budget in (0, 1] (got {budget}), "
+                             f"target_rate in [0, 1] (got {target_rate})")
         if gate_lr is not None and not gate_lr > 0:
             raise ValueError(f"gate_lr must be a positive learning rate or null, got {gate_lr!r}")
         if gate_temperature != 1.0:
@@ -163,26 +194,66 @@ class SkipNetModule(ClassifierModule):
         elif hp.stage == "finetune":
             out = self.net(x, mode="greedy", execution=hp.train_execution)
             loss = self.criterion(out.logits, y)
+        elif hp.stage == "gumbel":
+            out = self.net(x, mode="gumbel", execution="masked", temperature=hp.gumbel_temperature)
+            rate = target_rate_loss(out.executed[:, 1:], hp.target_rate, hp.target_rate_per_layer)
+            loss = self.criterion(out.logits, y) + hp.target_rate_weight * rate
+            self.log("train/rate_loss", rate, on_step=False, on_epoch=True)
         else:
-            out = self.net(x, mode="sample", execution=hp.train_execution)
-            ce = F.cross_entropy(out.logits, y, reduction="none")
-            rewards = skip_rewards(out.executed[:, 1:], hp.alpha, self.gate_costs(x))
-            returns = returns_to_go(rewards, -hp.beta * ce.detach())
-            base = self.baseline_value if hp.baseline else 0.0
-            entropy = bernoulli_entropy(out.probs) if hp.entropy_weight else None
-            pg = policy_gradient_loss(out.log_probs, returns, base, entropy, hp.entropy_weight, hp.pg_reduction)
-            if hp.baseline:
-                self.baseline_value.copy_(update_baseline(self.baseline_value, returns, hp.baseline_momentum))
-            loss = ce.mean() + hp.rl_weight * pg
-            self.log("train/pg_loss", pg, on_step=False, on_epoch=True)
-            self.log("train/reward", returns[:, 0].mean(), on_step=False, on_epoch=True)
+            out, loss = self._hybrid_rl_step(x, y)
         self.train_loss(loss)
         self.train_acc(out.logits.argmax(1), y)
         self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("train/computation_pct", 100.0 * out.executed.float().mean(), on_step=False, on_epoch=True,
-                 prog_bar=True)
+        self.log("train/computation_pct", 100.0 * out.executed.detach().float().mean(), on_step=False,
+                 on_epoch=True, prog_bar=True)
         return loss
+
+    # ------------------------------------------------------------------------------------- hybrid RL
+    def curriculum_open_first(self) -> int:
+        """How many leading gated blocks the curriculum keeps executing at the current epoch."""
+        c, g = self.hparams.curriculum_epochs, self.net.num_gates
+        if not c or self.current_epoch >= c:
+            return 0
+        return g - math.ceil(g * (self.current_epoch + 1) / c)
+
+    def returns(self, executed: torch.Tensor, ce: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Per-gate returns ``[B, G]`` of decisions ``executed`` ``[B, N]`` under the configured reward."""
+        hp = self.hparams
+        costs = self.gate_costs(x)
+        acts = executed[:, 1:].detach()
+        if hp.reward == "budget":
+            share = (acts * costs).sum(1)
+            return returns_to_go(torch.zeros_like(acts), -hp.beta * ce + budget_penalty(share, hp.budget,
+                                                                                          hp.budget_weight))
+        return returns_to_go(skip_rewards(acts, hp.alpha, costs), -hp.beta * ce)
+
+    def _baseline(self, x: torch.Tensor, y: torch.Tensor, open_first: int) -> torch.Tensor | float:
+        if self.baseline_mode == "moving":
+            return self.baseline_value
+        if self.baseline_mode == "self_critical":  # the greedy policy on the same inputs, as inference runs it
+            with torch.no_grad(), _modes_kept(self.net):
+                self.net.eval()
+                g = self.net(x, mode="greedy", execution="skip", open_first=open_first)
+            return self.returns(g.executed, F.cross_entropy(g.logits, y, reduction="none"), x)
+        return 0.0
+
+    def _hybrid_rl_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[SkipOutput, torch.Tensor]:
+        hp = self.hparams
+        open_first = self.curriculum_open_first()
+        out = self.net(x, mode="sample", execution=hp.train_execution, open_first=open_first)
+        ce = F.cross_entropy(out.logits, y, reduction="none")
+        returns = self.returns(out.executed, ce.detach(), x)
+        base = self._baseline(x, y, open_first)
+        entropy = bernoulli_entropy(out.probs) if hp.entropy_weight else None
+        pg = policy_gradient_loss(out.log_probs, returns, base, entropy, hp.entropy_weight, hp.pg_reduction,
+                                  hp.normalize_advantage)
+        if self.baseline_mode == "moving":
+            self.baseline_value.copy_(update_baseline(self.baseline_value, returns, hp.baseline_momentum))
+        self.log("train/pg_loss", pg, on_step=False, on_epoch=True)
+        self.log("train/reward", returns[:, 0].mean(), on_step=False, on_epoch=True)
+        self.log("train/open_first", float(open_first), on_step=False, on_epoch=True)
+        return out, ce.mean() + hp.rl_weight * pg
 
     # ------------------------------------------------------------------------------------- evaluation
     def _eval_step(self, batch) -> tuple[SkipOutput, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -257,8 +328,26 @@ def _check_choices(train_execution: str, rl_batchnorm: str, pg_reduction: str, s
         raise ValueError(f"rl_batchnorm must be one of {BATCHNORM_MODES}, got {rl_batchnorm!r}")
     if pg_reduction not in REDUCTIONS:
         raise ValueError(f"pg_reduction must be one of {REDUCTIONS}, got {pg_reduction!r}")
-    if train_execution == "skip" and stage == "sp":
-        raise ValueError("supervised pre-training needs train_execution='masked' (straight-through gradients)")
+    if train_execution == "skip" and stage in ("sp", "gumbel"):
+        raise ValueError(f"stage {stage!r} needs train_execution='masked' (straight-through gradients)")
     if train_execution == "skip" and rl_batchnorm != "eval":
         raise ValueError("train_execution='skip' runs each block on a sub-batch, where batch statistics differ from "
                          "masked execution's: set rl_batchnorm='eval' (running statistics) or train_execution='masked'")
+
+
+def _baseline_mode(baseline: bool | str | None) -> str:
+    mode = {True: "moving", False: "none", None: "none"}.get(baseline, baseline)  # type: ignore[arg-type]
+    if mode not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES} (or true/false), got {baseline!r}")
+    return mode
+
+
+@contextmanager
+def _modes_kept(module: torch.nn.Module) -> Iterator[None]:
+    """Restore every submodule's training flag on exit (for a pass run in another mode)."""
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training

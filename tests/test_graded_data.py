@@ -83,3 +83,35 @@ def test_mnist_c_keeps_the_t10k_split_and_mixes_severities():
     _mix_ok(dm)
     sev = dm.data_test.difficulty
     assert torch.equal(dm.data_test.images[sev == 0], plain.data_test.images[sev == 0])
+
+
+@pytest.mark.parametrize("config,experiment", [
+    ("train.yaml", "mnist_c_resnet38"), ("train.yaml", "mnist_c_skipnet38_sp"), ("train.yaml", "mnist_c_skipnet38_rl"),
+    ("train.yaml", "mnist_c_skipnet38_gumbel"), ("cascade.yaml", "mnist_c_cascade_3stage"),
+    ("eval.yaml", "mnist_c_eval_dynamic"), ("train.yaml", "digits_c_skipnet20_rl"),
+    ("eval.yaml", "digits_c_eval_dynamic"),
+])
+def test_graded_study_configs_name_graded_runs_only(tmp_path, config, experiment):
+    """Every run a graded-study config trains from or evaluates is a run of the graded data set."""
+    from omegaconf import OmegaConf
+
+    cfg = compose_config(config, [f"experiment={experiment}"], tmp_path)
+    prefix = experiment.split("_")[0] + "_c"
+    assert cfg.data.name == prefix
+    refs = [v for k, v in _walk(OmegaConf.to_container(cfg, resolve=False)) if k in ("run", "pretrained") and v]
+    resolved = [str(v).replace("${paths.log_dir}", "").replace("${data.name}", cfg.data.name) for v in refs]
+    assert all(f"/{prefix}_" in r for r in resolved), resolved
+    if config == "eval.yaml":
+        assert cfg.evaluation.difficulty.kind == "severity"
+
+
+def _walk(node, key=None):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k != "hydra":
+                yield from _walk(v, k)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _walk(v, key)
+    else:
+        yield key, node

@@ -121,12 +121,7 @@ def _inputs(cfg: DictConfig, run_cfg: DictConfig) -> tuple[torch.Tensor, torch.T
     with open_dict(data_cfg):
         if "augment" in data_cfg:
             data_cfg.augment = False
-    dm = instantiate(data_cfg)
-    dm.setup()
-    split = {"train": dm.data_train, "val": dm.data_val, "test": dm.data_test}.get(cfg.split)
-    if split is None:
-        raise UserError(f"split must be train, val or test, got {cfg.split!r}")
-    return batches_to_tensor(dm._loader(split, train=False), cfg.get("limit"))
+    return batches_to_tensor(instantiate(data_cfg).eval_dataloader(cfg.split), cfg.get("limit"))
 
 
 @user_facing

@@ -150,3 +150,11 @@ def test_synthetic_difficulty_knob():
     again = SyntheticDataModule(num_train=600, num_val=100, num_test=100, image_size=12, noise=0.3)
     again.setup()
     assert torch.equal(again.data_train.images, train.images)
+
+
+def test_splits_by_name():
+    dm = DigitsDataModule(augment=False)
+    assert dm.split("test") is dm.data_test and len(dm.split("val")) == 180
+    assert sum(len(x) for x, _ in dm.eval_dataloader("val")) == 180
+    with pytest.raises(UserError, match="split must be"):
+        dm.split("dev")

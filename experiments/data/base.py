@@ -143,12 +143,22 @@ class ClassificationDataModule(LightningDataModule):
         self.setup()
         return self._loader(self.data_test, train=False)
 
+    def split(self, name: str) -> Dataset:
+        """The ``train``, ``val`` or ``test`` data set (built if needed)."""
+        self.setup()
+        splits = {"train": self.data_train, "val": self.data_val, "test": self.data_test}
+        if name not in splits:
+            raise UserError(f"split must be train, val or test, got {name!r}")
+        return splits[name]
+
+    def eval_dataloader(self, name: str) -> DataLoader:
+        """An unshuffled loader of split ``name``, at the evaluation batch size."""
+        return self._loader(self.split(name), train=False)
+
     def difficulty(self, split: str) -> torch.Tensor | None:
         """The per-sample difficulty a data set records for ``split`` (``train``/``val``/``test``), in the
         loaders' order (eval loaders do not shuffle), or None where it records none."""
-        self.setup()
-        ds = {"train": self.data_train, "val": self.data_val, "test": self.data_test}[split]
-        return getattr(ds, "difficulty", None)
+        return getattr(self.split(split), "difficulty", None)
 
     def split_sizes(self) -> dict[str, int]:
         """Number of samples per split (builds the splits if needed)."""

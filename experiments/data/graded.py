@@ -19,8 +19,9 @@ from experiments.data.mnist import MNISTDataModule
 class _Graded:
     """Mixin: corrupt the whole data set once before it is split; each image's severity is its difficulty."""
 
-    corruption_seed: int
-    families: tuple[str, ...]
+    def __init__(self, corruption_seed: int = 0, families: Sequence[str] | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.corruption_seed, self.families = corruption_seed, tuple(families or CORRUPTIONS)
 
     def prepare_images(self, images: torch.Tensor, targets: torch.Tensor, offset: int = 0) -> TensorImageDataset:
         family, severity = draw_corruptions(len(images), self.corruption_seed + offset, self.families)
@@ -29,8 +30,7 @@ class _Graded:
 
     def mix(self, split: str) -> dict[str, Any]:
         """How many images of ``split`` have each severity and each family (for the docs and run records)."""
-        self.setup()
-        ds = {"train": self.data_train, "val": self.data_val, "test": self.data_test}[split]
+        ds = self.split(split)
         fam = Counter(self.families[int(f)] if int(s) else "clean"
                       for f, s in zip(ds.extras["family"], ds.difficulty))
         return {"n": len(ds), "severity": torch.bincount(ds.difficulty, minlength=6).tolist(),
@@ -47,10 +47,6 @@ class GradedMNISTDataModule(_Graded, MNISTDataModule):
             :data:`experiments.data.corrupted.CORRUPTIONS`).
         **kwargs: see :class:`experiments.data.MNISTDataModule`.
     """
-
-    def __init__(self, corruption_seed: int = 0, families: Sequence[str] | None = None, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.corruption_seed, self.families = corruption_seed, tuple(families or CORRUPTIONS)
 
     def build(self):
         splits = super().build()
@@ -72,7 +68,3 @@ class GradedDigitsDataModule(_Graded, DigitsDataModule):
         corruption_seed, families: as :class:`GradedMNISTDataModule`.
         **kwargs: see :class:`experiments.data.DigitsDataModule`.
     """
-
-    def __init__(self, corruption_seed: int = 0, families: Sequence[str] | None = None, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.corruption_seed, self.families = corruption_seed, tuple(families or CORRUPTIONS)

@@ -106,13 +106,12 @@ def adaptivity_metrics(records: Sequence[dict[str, Any]], buckets: Buckets, kind
 
 
 def adaptivity_statements(metrics: dict[str, Any]) -> list[str]:
-    """One line per method: patterns, Spearman's rho, the hardest/easiest ratio, and the gap to random skipping."""
+    """One line per method: patterns, Spearman's rho and the gap to random skipping (the cost's shape and
+    hardest/easiest ratio are :func:`experiments.evaluation.report.trend_statements`')."""
     lines = []
     for m, a in metrics.items():
         rho = "undefined (constant cost)" if a["spearman_rho"] is None else f"{a['spearman_rho']:+.3f}"
-        ratio = "n/a" if a["hardest_over_easiest"] is None else f"{a['hardest_over_easiest']:.2f}x"
         line = (f"{m}: {a['distinct_patterns'] if a['distinct_patterns'] is not None else 'n/a'} distinct patterns; "
-                f"cost {a['shape']} over {len(a['buckets'])} buckets (hardest/easiest {ratio}); "
                 f"Spearman rho(cost, difficulty) {rho}")
         if "acc_vs_random_pts" in a:
             gaps = ", ".join(f"{g:+.1f}" for g in a["acc_vs_random_pts"])

@@ -1,168 +1,297 @@
-"""The HTTP endpoint (FastAPI): predict, models, health, readiness, Prometheus metrics, run-time settings.
+"""The HTTP endpoint (FastAPI): the Open Inference Protocol (v2) REST API, plus our documented extensions.
 
-    POST /v1/models/{name}/predict   {"inputs": [[...], ...]} or {"input": [...]} or {"images": ["<base64 PNG/JPEG>"]}
-                                     or {"tensor_b64": "<base64 float32 bytes, [n, *input_shape]>"}
-                                     optional "deadline_ms", "priority"; answers one result per input
-    GET  /v1/models                  the models, their input shape and published triage levels
-    GET  /v1/settings                batching and triage knobs of every model
-    PUT  /v1/settings/{name}         {"batching": {...}, "triage": {"mode": "auto"}} while serving
-    GET  /healthz, /readyz, /metrics
+The protocol's routes (``serve.oip`` holds the tensor formats)::
 
-Bad requests get a 4xx that says what is wrong: malformed JSON (400), wrong shape, dtype, NaN or inf
-(422), a payload over ``max_body_bytes`` (413), an unknown model (404), a full queue (429 with
-Retry-After), shutting down (503). With ``shed_lag_ms`` set, a predict request that arrives while the
-event loop runs that late is answered 503 with Retry-After before its body is read (load shedding;
-see ``serve.frontend``). The server keeps serving after any of them; a client that disconnects gets
-nothing, and its inputs are still answered once inside the engine.
+    GET  /v2                                        server metadata (name, version, extensions)
+    GET  /v2/health/live, /v2/health/ready          liveness, readiness (503 while not ready)
+    GET  /v2/models/{name}[/versions/{v}]           model metadata: inputs, outputs, datatypes, shapes
+    GET  /v2/models/{name}[/versions/{v}]/ready     model readiness (503 while not ready)
+    POST /v2/models/{name}[/versions/{v}]/infer     inference: JSON, or JSON + binary tensors with
+                                                    Inference-Header-Content-Length
+
+Extensions (ours, beside the protocol): ``GET /v2/models/{name}/levels`` (the model's triage levels,
+each priced on val), ``GET /v2/settings`` and ``PUT /v2/settings/{name}`` (batching and triage knobs
+while serving; the PUT needs ``Authorization: Bearer <admin_token>``), ``GET /metrics`` (Prometheus
+text), ``GET /healthz`` and ``GET /readyz`` (probes).
+
+Every error is the protocol's ``{"error": "..."}`` with a status that says what went wrong: 400 a bad
+request (malformed JSON, wrong datatype or shape, NaN), 401/403 a missing or wrong admin token, 404 an
+unknown model or route, 408 a body sent too slowly, 413 a body or batch over the limits, 422 a bad
+setting, 429 a full queue (Retry-After), 500 a model that failed on the request's batch, 503 shutting
+down or shedding load (Retry-After), 504 the request's deadline passed. Bodies are bounded while they
+stream in (any transfer encoding), decoded off the event loop, and a request whose client goes away is
+withdrawn from the queues.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
-import math
+import asyncio
+import contextlib
+import hmac
 import time
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
-import torch
-from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.engine import EngineClosed, QueueFull, ServingEngine
+from serve.batching import BATCHING_BOUNDS
+from serve.engine import ServingEngine
 from serve.frontend import LoopLagMonitor
+from serve.oip import ProtocolError, Signature, parse_json_request, rest_response, server_metadata
+from serve.service import InferenceService
+from serve.triage import TRIAGE_BOUNDS, TRIAGE_MODES
 
-__all__ = ["create_app"]
+__all__ = ["VERSION", "create_app"]
+
+VERSION = "0.2.0"
 
 
-class PredictRequest(BaseModel):
-    """One input (``input``), several (``inputs``), or base64 images (``images``); one of them."""
+# ------------------------------------------------------------------------------- documented shapes
+class ErrorBody(BaseModel):
+    error: str = Field(description="what is wrong, and what to do")
 
-    input: list[Any] | None = Field(None, description="one input, nested lists of numbers in the model's input shape")
-    tensor_b64: str | None = Field(None, description="inputs as raw little-endian float32 bytes, base64-encoded, "
-                                                     "shaped [n, *input_shape] (the fast path: no number parsing)")
-    inputs: list[Any] | None = Field(None, description="a batch of inputs")
-    images: list[str] | None = Field(None, description="base64-encoded PNG or JPEG images")
-    deadline_ms: float | None = Field(None, gt=0, description="answer within this many ms (default: the SLO)")
-    priority: int = Field(0, description="higher is served first")
-    labels: list[int] | None = Field(None, description="true labels, for accuracy accounting by load tools")
+
+class LiveBody(BaseModel):
+    live: bool
+
+
+class ReadyBody(BaseModel):
+    ready: bool
+
+
+class ModelReadyBody(BaseModel):
+    name: str
+    ready: bool
+
+
+class ServerMetadataBody(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadataBody(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+Scalar = bool | int | float | str
+
+
+class InferInputTensor(BaseModel):
+    name: Literal["input", "image"] = Field(description="'input' (FP32/FP16/UINT8 [n, C, H, W]) or 'image' "
+                                                        "(BYTES [n], base64 PNG/JPEG files in JSON)")
+    shape: list[int]
+    datatype: Literal["FP32", "FP16", "UINT8", "BYTES"]
+    parameters: dict[str, Scalar] | None = None
+    data: list[Any] | None = Field(None, description="flat or nested, row-major; absent with binary_data_size")
+
+
+class InferRequestedOutput(BaseModel):
+    name: str
+    parameters: dict[str, Scalar] | None = None
+
+
+class InferRequestBody(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Scalar] | None = Field(None, description="deadline_ms, priority, binary_data_output")
+    inputs: list[InferInputTensor]
+    outputs: list[InferRequestedOutput] | None = None
+
+
+class InferOutputTensor(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Scalar] | None = None
+    data: list[Any] | None = None
+
+
+class InferResponseBody(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: dict[str, Scalar] | None = Field(None, description="compute_ms, queue_ms, triage_level")
+    outputs: list[InferOutputTensor]
+
+
+def _settings_model(name: str, bounds: dict[str, tuple[type, float, float]], **extra: Any) -> type[BaseModel]:
+    """A strict request model from the engine's own bounds (one source of truth for types and ranges)."""
+    fields: dict[str, Any] = dict(extra)
+    for key, (kind, lo, hi) in bounds.items():
+        fields[key] = (bool | None, None) if kind is bool else (kind | None, Field(None, ge=lo, le=hi))
+    return create_model(name, __config__=ConfigDict(extra="forbid", strict=True, allow_inf_nan=False), **fields)
+
+
+BatchingUpdate = _settings_model("BatchingUpdate", BATCHING_BOUNDS)
+TriageUpdate = _settings_model("TriageUpdate", TRIAGE_BOUNDS, mode=(Literal[TRIAGE_MODES] | None, None))
 
 
 class SettingsUpdate(BaseModel):
-    batching: dict[str, Any] | None = None
-    triage: dict[str, Any] | None = None
+    model_config = ConfigDict(extra="forbid")
+    batching: BatchingUpdate | None = None  # type: ignore[valid-type]
+    triage: TriageUpdate | None = None  # type: ignore[valid-type]
 
 
-def _to_tensor(req: PredictRequest, shape: tuple[int, ...], max_inputs: int) -> torch.Tensor:
-    given = [k for k in ("input", "inputs", "images", "tensor_b64") if getattr(req, k) is not None]
-    if len(given) != 1:
-        raise HTTPException(422, f"give exactly one of input, inputs, images, tensor_b64 (got {given or 'none'})")
-    if req.tensor_b64 is not None:
-        try:
-            raw = base64.b64decode(req.tensor_b64, validate=True)
-        except (binascii.Error, ValueError):
-            raise HTTPException(422, "tensor_b64 is not valid base64") from None
-        per_input = 4 * math.prod(shape)
-        if len(raw) % per_input:
-            raise HTTPException(422, f"tensor_b64 holds {len(raw)} bytes, not a whole number of float32 inputs of "
-                                     f"shape {list(shape)} ({per_input} bytes each)")
-        x = torch.frombuffer(bytearray(raw), dtype=torch.float32).view(-1, *shape)
-    elif req.images is not None:
-        x = torch.stack([_decode_image(s, shape) for s in req.images]) if req.images else torch.empty(0, *shape)
-    else:
-        data = [req.input] if req.input is not None else req.inputs
-        try:
-            x = torch.tensor(data, dtype=torch.float32)
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise HTTPException(422, f"inputs must be nested lists of numbers of one shape: {e}") from None
-    if x.ndim == len(shape):
-        x = x.unsqueeze(0)
-    if tuple(x.shape[1:]) != shape:
-        raise HTTPException(422, f"each input must have shape {list(shape)}, got {list(x.shape[1:])}")
-    if len(x) == 0:
-        raise HTTPException(422, "no inputs given")
-    if len(x) > max_inputs:
-        raise HTTPException(413, f"{len(x)} inputs in one request; at most {max_inputs}")
-    if not torch.isfinite(x).all():
-        raise HTTPException(422, "inputs contain NaN or infinity")
-    return x
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error statuses a route can answer with."""
+    return {code: {"model": ErrorBody, "description": _REASONS[code]} for code in codes}
 
 
-def _decode_image(b64: str, shape: tuple[int, ...]) -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
-    from torchvision.transforms.v2 import functional as F
-
-    try:
-        img = Image.open(io.BytesIO(base64.b64decode(b64, validate=True)))
-        img.load()
-    except (binascii.Error, UnidentifiedImageError, OSError, ValueError):
-        raise HTTPException(422, "images must be base64-encoded PNG or JPEG files") from None
-    c, h, w = shape
-    img = img.convert("L" if c == 1 else "RGB").resize((w, h))
-    return F.to_dtype(F.to_image(img), torch.float32, scale=True)
+_REASONS = {400: "bad request", 401: "no admin token given", 403: "wrong admin token, or none configured",
+            404: "unknown model, version or route", 405: "method not allowed", 408: "body sent too slowly",
+            413: "body or batch over the limits", 422: "a setting of the wrong type or out of bounds",
+            429: "queue full (Retry-After)", 500: "the model failed on the request's batch",
+            503: "not ready, shutting down, or shedding load (Retry-After)", 504: "the request's deadline passed"}
+COMMON = (404, 405, 408, 413, 503)  # what the front door and routing can answer on any route
 
 
+# ------------------------------------------------------------------------------------ front door
 class FrontDoor:
-    """ASGI middleware run before routing and before the body is read: refuses oversize bodies (413)
-    and, while the event loop lags over ``shed_lag_ms``, sheds predict requests (503, Retry-After).
-    Every answer carries ``Server-Timing: app;dur=<ms>``, the server's time from the parsed request
-    head to the answer's head: the serving layer's cost without the client's or the network's.
+    """ASGI middleware run before routing: reads the body under a byte limit (whatever the transfer
+    encoding: chunked bodies are counted as they stream in) and a time limit (a trickled body gets 408),
+    sheds ``infer`` requests while the event loop lags over ``shed_lag_ms`` (503, Retry-After), cancels
+    the request's work when its client disconnects, and stamps ``Server-Timing: app;dur=<ms>``: the
+    server's time from the parsed request head to the answer's head.
 
     Plain ASGI rather than ``@app.middleware``: that wrapper costs an extra task per request.
     """
 
     def __init__(self, app, max_body_bytes: int, monitor: LoopLagMonitor, shed_lag_ms: float | None,
-                 on_shed=None) -> None:
+                 on_shed=None, body_timeout_s: float = 10.0) -> None:
         self.app, self.max_body_bytes, self.monitor, self.shed_lag_ms = app, max_body_bytes, monitor, shed_lag_ms
         self.on_shed = on_shed or (lambda: None)
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http":
-            size = dict(scope["headers"]).get(b"content-length", b"")
-            if size.isdigit() and int(size) > self.max_body_bytes:
-                await JSONResponse({"detail": f"request body over {self.max_body_bytes} bytes"},
-                                   status_code=413)(scope, receive, send)
-                return
-            if self.shed_lag_ms is not None and scope["method"] == "POST" and scope["path"].endswith("/predict"):
-                lag_ms = self.monitor.lag_s() * 1e3
-                if lag_ms > self.shed_lag_ms:
-                    self.on_shed()
-                    await JSONResponse({"detail": f"overloaded: the server runs {lag_ms:.0f} ms behind "
-                                                  f"(shedding above {self.shed_lag_ms:g} ms); retry later"},
-                                       status_code=503, headers={"Retry-After": "1"})(scope, receive, send)
-                    return
-            t0 = time.perf_counter()
-
-            async def timed_send(message) -> None:
-                if message["type"] == "http.response.start":
-                    dur = f"app;dur={(time.perf_counter() - t0) * 1e3:.3f}".encode()
-                    message = {**message, "headers": [*message.get("headers", []), (b"server-timing", dur)]}
-                await send(message)
-
-            await self.app(scope, receive, timed_send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        size = dict(scope["headers"]).get(b"content-length", b"")
+        if size.isdigit() and int(size) > self.max_body_bytes:
+            await _error(413, f"request body over {self.max_body_bytes} bytes")(scope, receive, send)
+            return
+        if self.shed_lag_ms is not None and scope["method"] == "POST" and scope["path"].endswith("/infer"):
+            lag_ms = self.monitor.lag_s() * 1e3
+            if lag_ms > self.shed_lag_ms:
+                self.on_shed()
+                await _error(503, f"overloaded: the server runs {lag_ms:.0f} ms behind (shedding above "
+                                  f"{self.shed_lag_ms:g} ms); retry later", {"Retry-After": "1"})(scope, receive, send)
+                return
+        t0 = time.perf_counter()
+        body = await self._read_body(receive)
+        if isinstance(body, JSONResponse):
+            await body(scope, receive, send)
+        elif body is not None:  # None: the client went away mid-body, and gets nothing
+            await self._serve(scope, body, receive, _timed(send, t0))
+
+    async def _read_body(self, receive) -> bytes | JSONResponse | None:
+        """The whole body; or the error answer (413 over the limit, 408 too slow); or None if the client left."""
+        chunks, total = [], 0
+        deadline = time.monotonic() + self.body_timeout_s
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                return _error(408, f"the request body took over {self.body_timeout_s:g} s to arrive")
+            if message["type"] == "http.disconnect":
+                return None
+            total += len(message.get("body", b""))
+            if total > self.max_body_bytes:
+                return _error(413, f"request body over {self.max_body_bytes} bytes")
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _serve(self, scope, body: bytes, receive, send) -> None:
+        """Run the app on the buffered body; a disconnect while it runs cancels it (and so its queued rows)."""
+        gone = asyncio.Event()
+        delivered = False
+
+        async def replay():
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        app_task = asyncio.ensure_future(self.app(scope, replay, send))
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+            app_task.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await app_task
+        except asyncio.CancelledError:
+            if not gone.is_set():  # the server itself is cancelling us
+                raise
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watcher
 
 
+def _timed(send, t0: float):
+    async def timed_send(message) -> None:
+        if message["type"] == "http.response.start":
+            dur = f"app;dur={(time.perf_counter() - t0) * 1e3:.3f}".encode()
+            message = {**message, "headers": [*message.get("headers", []), (b"server-timing", dur)]}
+        await send(message)
+
+    return timed_send
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+# ------------------------------------------------------------------------------------------ the app
 def create_app(engines: dict[str, ServingEngine], max_body_bytes: int = 8 << 20, max_inputs: int = 1024,
                normalize: dict[str, tuple[list[float], list[float]]] | None = None,
-               shed_lag_ms: float | None = None, lag_interval_ms: float = 5.0) -> FastAPI:
+               shed_lag_ms: float | None = None, lag_interval_ms: float = 5.0, admin_token: str | None = None,
+               body_timeout_s: float = 10.0, max_image_bytes: int = 1 << 20, grpc_host: str = "127.0.0.1",
+               grpc_port: int | None = None) -> FastAPI:
     """The app serving ``engines`` (name -> engine). Engines start with the app and drain when it stops.
 
-    ``normalize``: per model, the (mean, std) per channel to apply to decoded images (the training
-    transform); numeric ``inputs`` are taken as already normalised. ``shed_lag_ms``: shed predict
-    requests while the event loop runs this many ms late (None: never). The loop's lag, sampled every
-    ``lag_interval_ms``, also feeds every engine's auto triage and the ``serve_event_loop_lag_seconds``
-    metric.
+    ``normalize``: per model, the (mean, std) per channel applied to UINT8 pixels and image files (the
+    training transform); FP32/FP16 inputs are taken as already normalised. ``shed_lag_ms``: shed infer
+    requests while the event loop runs this many ms late (None: never); the lag, sampled every
+    ``lag_interval_ms``, also feeds auto triage and ``serve_event_loop_lag_seconds``. ``admin_token``:
+    the bearer token the settings PUT needs (None: settings cannot be changed over HTTP).
+    ``grpc_port``: also serve the protocol over gRPC on ``grpc_host:grpc_port`` (0: any free port), on the
+    same event loop and inference path, started and stopped with the app (``app.state.grpc_port`` is
+    the bound port). ``app.state.service`` is the :class:`serve.service.InferenceService`.
     """
     missing = [n for n, e in engines.items() if e.model.input_shape is None]
     if missing:
         raise ValueError(f"models {missing} have no input_shape: give their adapters one (load_run reads it from "
                          f"the run's data config)")
+    norm = normalize or {}
+    signatures = {}
+    for n, e in engines.items():
+        mean, std = norm.get(n, (None, None))
+        signatures[n] = Signature(n, tuple(e.model.input_shape), e.model.kind, max_inputs,
+                                  tuple(mean) if mean else None, tuple(std) if std else None, max_image_bytes)
+    service = InferenceService(engines, signatures)
     monitor = LoopLagMonitor(lag_interval_ms / 1e3)
     registries = {id(e.metrics.registry): e.metrics for e in engines.values()}
 
@@ -170,18 +299,24 @@ def create_app(engines: dict[str, ServingEngine], max_body_bytes: int = 8 << 20,
         for m in registries.values():
             m.shed.inc()
 
-    app = FastAPI(title="adaptive-inference serving", version="0.1.0", lifespan=_lifespan(engines, monitor))
-    app.state.loop_lag = monitor
+    grpc = {"host": grpc_host, "port": grpc_port, "max_message_bytes": max_body_bytes} if grpc_port is not None else None
+    app = FastAPI(title="adaptive-inference serving", version=VERSION, lifespan=_lifespan(service, monitor, grpc),
+                  description=__doc__)
+    app.state.loop_lag, app.state.service = monitor, service
     app.add_middleware(FrontDoor, max_body_bytes=max_body_bytes, monitor=monitor, shed_lag_ms=shed_lag_ms,
-                       on_shed=count_shed)
+                       on_shed=count_shed, body_timeout_s=body_timeout_s)
+    app.add_exception_handler(ProtocolError, _protocol_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _bad_request)
-    app.include_router(_model_routes(engines, max_inputs, normalize or {}))
-    app.include_router(_operation_routes(engines))
+    app.include_router(_protocol_routes(service))
+    app.include_router(_extension_routes(service, admin_token))
     return app
 
 
-def _lifespan(engines: dict[str, ServingEngine], monitor: LoopLagMonitor):
-    """Start the lag monitor and the engines with the app; drain the engines when it stops."""
+def _lifespan(service: InferenceService, monitor: LoopLagMonitor, grpc: dict[str, Any] | None):
+    """Start the lag monitor, the engines and the gRPC server with the app; when it stops, stop taking
+    gRPC calls (answering those in flight), then drain the engines."""
+    engines = service.engines
     registries = {id(e.metrics.registry): e.metrics for e in engines.values()}
 
     @asynccontextmanager
@@ -192,88 +327,149 @@ def _lifespan(engines: dict[str, ServingEngine], monitor: LoopLagMonitor):
         for e in engines.values():
             e.front_lag_s = monitor.lag_s
             await e.start()
+        server = None
+        if grpc is not None:
+            from serve.grpc_server import start_grpc_server
+
+            server, app.state.grpc_port = await start_grpc_server(service, version=VERSION, **grpc)
         yield
+        if server is not None:
+            await server.stop(grace=5.0)
         for e in engines.values():
             await e.stop(drain=True)
         await monitor.stop()
+        service.close()
 
     return lifespan
+
+
+async def _protocol_error(request: Request, exc: ProtocolError) -> JSONResponse:
+    return _error(exc.status, exc.message, exc.headers)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
 
 async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
-        return JSONResponse({"detail": "malformed JSON body"}, status_code=400)
-    return JSONResponse({"detail": [{"loc": e.get("loc"), "msg": e.get("msg")} for e in errors]}, status_code=422)
+        return _error(400, "malformed JSON body")
+    where = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}" for e in errors)
+    return _error(422, f"invalid settings: {where}")
 
 
-def _engine_of(engines: dict[str, ServingEngine], name: str) -> ServingEngine:
-    if name not in engines:
-        raise HTTPException(404, f"no model {name!r}; models: {sorted(engines)}")
-    return engines[name]
+# ----------------------------------------------------------------------------------------- routes
+def _protocol_routes(service: InferenceService) -> APIRouter:
+    """The Open Inference Protocol's REST routes."""
+    router = APIRouter(tags=["Open Inference Protocol v2"], responses=_errors(*COMMON))
 
+    @router.get("/v2", response_model=ServerMetadataBody)
+    async def metadata() -> dict[str, Any]:
+        return server_metadata(VERSION)
 
-def _model_routes(engines: dict[str, ServingEngine], max_inputs: int,
-                  normalize: dict[str, tuple[list[float], list[float]]]) -> APIRouter:
-    """Predict and the model list."""
-    router = APIRouter()
+    @router.get("/v2/health/live", response_model=LiveBody)
+    async def live() -> dict[str, bool]:
+        return {"live": True}
 
-    @router.post("/v1/models/{name}/predict")
-    async def predict(name: str, req: PredictRequest) -> dict[str, Any]:
-        engine = _engine_of(engines, name)
-        x = _to_tensor(req, engine.model.input_shape, max_inputs)
-        if req.images is not None and name in normalize:
-            mean, std = normalize[name]
-            x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
-        try:
-            answers = await engine.submit(x, req.deadline_ms, req.priority)
-        except QueueFull as e:
-            raise HTTPException(429, str(e), headers={"Retry-After": str(max(1, math.ceil(e.retry_after_s)))})
-        except EngineClosed as e:
-            raise HTTPException(503, str(e)) from None
-        out = [a.to_dict() for a in answers]
-        if req.labels is not None and len(req.labels) == len(out):
-            for a, y in zip(out, req.labels):
-                a["correct"] = a["label"] == y if a["label"] is not None else None
-        return {"model": name, "outputs": out}
+    @router.get("/v2/health/ready", response_model=ReadyBody, responses={503: {"model": ReadyBody}})
+    async def ready() -> Response:
+        ok = service.ready()
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
-    @router.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"models": [e.describe() for e in engines.values()]}
+    @router.get("/v2/models/{name}", response_model=ModelMetadataBody)
+    @router.get("/v2/models/{name}/versions/{version}", response_model=ModelMetadataBody)
+    async def model_metadata(name: str, version: str | None = None) -> dict[str, Any]:
+        return service.signature(name, version).metadata()
+
+    @router.get("/v2/models/{name}/ready", response_model=ModelReadyBody, responses={503: {"model": ModelReadyBody}})
+    @router.get("/v2/models/{name}/versions/{version}/ready", response_model=ModelReadyBody,
+                responses={503: {"model": ModelReadyBody}})
+    async def model_ready(name: str, version: str | None = None) -> Response:
+        service.signature(name, version)
+        ok = service.ready(name)
+        return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503)
+
+    infer_doc = {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": InferRequestBody.model_json_schema(ref_template="#/components/schemas/{model}")},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
+                                     "description": "JSON header (Inference-Header-Content-Length bytes), "
+                                                    "then the binary tensors"}}}}
+    infer_responses = {200: {"model": InferResponseBody, "content": {"application/octet-stream": {
+        "schema": {"type": "string", "format": "binary"}}}}, **_errors(400, 429, 500, 504)}
+
+    @router.post("/v2/models/{name}/infer", response_model=InferResponseBody, openapi_extra=infer_doc,
+                 responses=infer_responses)
+    @router.post("/v2/models/{name}/versions/{version}/infer", response_model=InferResponseBody,
+                 openapi_extra=infer_doc, responses=infer_responses)
+    async def infer(name: str, request: Request, version: str | None = None) -> Response:
+        sig = service.signature(name, version)
+        body = await request.body()  # the front door has read and bounded it
+        header = request.headers.get("inference-header-content-length")
+        if header is not None and not header.isdigit():
+            raise ProtocolError(f"Inference-Header-Content-Length must be a byte count, got {header!r}")
+        req = await service.decode(parse_json_request, body, int(header) if header else None, sig)
+        result = await service.infer(name, req, version)
+        content, json_size = rest_response(name, req, result.outputs, result.parameters)
+        if json_size is None:
+            return Response(content, media_type="application/json")
+        return Response(content, media_type="application/octet-stream",
+                        headers={"Inference-Header-Content-Length": str(json_size)})
 
     return router
 
 
-def _operation_routes(engines: dict[str, ServingEngine]) -> APIRouter:
-    """Run-time settings, health, readiness and Prometheus metrics."""
-    router = APIRouter()
+def _extension_routes(service: InferenceService, admin_token: str | None) -> APIRouter:
+    """Our extensions: triage levels, run-time settings (admin token), Prometheus metrics, probes."""
+    router = APIRouter(tags=["extensions"], responses=_errors(*COMMON))
+    engines = service.engines
 
-    @router.get("/v1/settings")
+    def admin(request: Request) -> None:
+        given = request.headers.get("authorization", "")
+        if admin_token is None:
+            raise ProtocolError("this server was started without admin_token: settings cannot be changed over "
+                                "HTTP (start it with admin_token=... or SERVE_ADMIN_TOKEN set)", 403, "PERMISSION_DENIED")
+        if not given.startswith("Bearer "):
+            raise ProtocolError("changing settings needs 'Authorization: Bearer <admin_token>'", 401,
+                                "UNAUTHENTICATED", {"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(given[7:].encode(), admin_token.encode()):
+            raise ProtocolError("wrong admin token", 403, "PERMISSION_DENIED")
+
+    @router.get("/v2/models/{name}/levels")
+    async def levels(name: str) -> dict[str, Any]:
+        """The model's kind, stages and triage levels, each priced on the validation split at start-up."""
+        service.signature(name)
+        return engines[name].describe()
+
+    @router.get("/v2/settings")
     async def settings() -> dict[str, Any]:
+        """Batching and triage knobs of every model, its current triage level and recent changes."""
         return {name: e.settings() for name, e in engines.items()}
 
-    @router.put("/v1/settings/{name}")
+    @router.put("/v2/settings/{name}", dependencies=[Depends(admin)], responses=_errors(400, 401, 403, 422))
     async def update_settings(name: str, body: SettingsUpdate) -> dict[str, Any]:
-        engine = _engine_of(engines, name)
+        """Change a model's knobs while serving (typed and bounded; a bad value changes nothing)."""
+        service.signature(name)
         try:
-            return engine.update(body.batching, body.triage)
+            return engines[name].update(body.batching.model_dump(exclude_none=True) if body.batching else None,
+                                        body.triage.model_dump(exclude_none=True) if body.triage else None)
         except (ValueError, TypeError) as e:
-            raise HTTPException(422, str(e)) from None
+            raise ProtocolError(str(e), 422) from None
 
-    @router.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    @router.get("/healthz", response_model=LiveBody)
+    async def healthz() -> dict[str, bool]:
+        return {"live": True}
 
-    @router.get("/readyz")
+    @router.get("/readyz", response_model=ReadyBody, responses={503: {"model": ReadyBody}})
     async def readyz() -> Response:
-        ready = all(e.ready for e in engines.values())
-        return JSONResponse({"ready": ready, "models": {n: e.ready for n, e in engines.items()}},
-                            status_code=200 if ready else 503)
+        ok = service.ready()
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
-    @router.get("/metrics")
+    @router.get("/metrics", response_class=PlainTextResponse,
+                responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                                 "description": "Prometheus text exposition format"}})
     async def metrics() -> Response:
-        registries = {id(e.metrics.registry): e.metrics.registry for e in engines.values()}
-        body = b"".join(generate_latest(r) for r in registries.values())
-        return PlainTextResponse(body, media_type=CONTENT_TYPE_LATEST)
+        regs = {id(e.metrics.registry): e.metrics.registry for e in engines.values()}
+        return PlainTextResponse(b"".join(generate_latest(r) for r in regs.values()), media_type=CONTENT_TYPE_LATEST)
 
     return router

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["AdaptiveBatchLimit", "BatchingConfig"]
+__all__ = ["BATCHING_BOUNDS", "AdaptiveBatchLimit", "BatchingConfig", "check_fields"]
 
 
 @dataclass
@@ -24,12 +25,35 @@ class BatchingConfig:
     max_queue: int = 4096             # queued rows (all stages) before rejecting
 
     def validate(self) -> None:
-        """Raise ``ValueError`` on a setting the engine cannot use."""
-        numbers = (self.max_delay_ms, self.target_batch_ms, self.slo_ms)
-        if self.max_batch_size < 1 or self.max_queue < 1 or self.max_delay_ms < 0 or self.slo_ms <= 0 \
-                or not all(math.isfinite(v) for v in numbers):
-            raise ValueError("max_batch_size and max_queue must be >= 1, max_delay_ms >= 0 and slo_ms > 0 "
-                             "(finite numbers)")
+        """Raise ``ValueError`` on a setting of the wrong type or out of bounds (see :data:`BATCHING_BOUNDS`)."""
+        check_fields(self, BATCHING_BOUNDS)
+
+
+# Every knob's type and closed range: a settings change outside them is refused, so one request
+# cannot make later ones fail, stall the engine or pin the batch size (NaN, inf, booleans included).
+BATCHING_BOUNDS: dict[str, tuple[type, float, float]] = {
+    "max_batch_size": (int, 1, 4096), "max_delay_ms": (float, 0.0, 1000.0), "adaptive": (bool, 0, 1),
+    "target_batch_ms": (float, 0.1, 60_000.0), "slo_ms": (float, 1.0, 3_600_000.0),
+    "max_queue": (int, 1, 1_000_000),
+}
+
+
+def check_fields(obj: Any, bounds: dict[str, tuple[type, float, float]]) -> None:
+    """Check each field of ``obj`` named in ``bounds`` is of its type and within its range.
+
+    ``bool`` is its own type (never a number here); an ``int`` is a valid ``float``; floats must be finite.
+    """
+    for name, (kind, lo, hi) in bounds.items():
+        v = getattr(obj, name)
+        if kind is bool:
+            ok = isinstance(v, bool)
+        elif kind is int:
+            ok = isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+        else:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi
+        if not ok:
+            what = "true or false" if kind is bool else f"{'an integer' if kind is int else 'a number'} in [{lo:g}, {hi:g}]"
+            raise ValueError(f"setting {name!r} must be {what}, got {v!r}")
 
 
 class AdaptiveBatchLimit:

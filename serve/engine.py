@@ -43,8 +43,8 @@ from serve.triage import TriageConfig, TriageController
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Answer", "BatchingConfig", "DeviceWorker", "EngineClosed", "EngineMetrics", "QueueFull", "ServingEngine",
-           "TriageConfig"]
+__all__ = ["Answer", "BatchingConfig", "DeviceWorker", "EngineClosed", "EngineMetrics", "ModelFailed", "QueueFull",
+           "ServingEngine", "TriageConfig"]
 
 
 class QueueFull(Exception):
@@ -57,6 +57,13 @@ class QueueFull(Exception):
 
 class EngineClosed(Exception):
     """The engine is shutting down and accepts no new work (HTTP 503)."""
+
+
+class ModelFailed(Exception):
+    """The model raised, or gave NaN or infinite logits, on the batch a row was in (HTTP 500).
+
+    Only that batch's rows get it; the engine goes on with the next batch.
+    """
 
 
 class DeviceWorker:
@@ -97,6 +104,7 @@ class Answer:
     latency_ms: float = 0.0          # arrival in the engine to answer
     queue_ms: float = 0.0            # waiting in stage queues
     compute_ms: float = 0.0          # running the model on the batches it was in (device thread)
+    triage_level: int = 0            # the highest triage level of the stages it ran through
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,6 +124,7 @@ class _Row:
     queue_s: float = 0.0
     compute_s: float = 0.0
     degraded: bool = False
+    level: int = 0
     timer: asyncio.TimerHandle | None = None
 
     def key(self) -> tuple:
@@ -209,7 +218,9 @@ class ServingEngine:
     async def submit(self, x: torch.Tensor, deadline_ms: float | None = None, priority: int = 0) -> list[Answer]:
         """Queue a batch of inputs ``[n, *input_shape]``; returns one :class:`Answer` per input.
 
-        Raises :class:`QueueFull` (retry later) or :class:`EngineClosed`.
+        Raises :class:`QueueFull` (retry later), :class:`EngineClosed`, or :class:`ModelFailed` when a
+        batch holding one of the inputs failed. Cancelling the call (a client that went away) withdraws
+        the inputs still queued: no batch computes them.
         """
         if self._closing or self._task is None:
             raise EngineClosed(f"model {self.model.name!r} is not serving")
@@ -227,7 +238,21 @@ class ServingEngine:
             rows.append(row)
             self._push(0, row)
         self._poke()
-        return list(await asyncio.gather(*(r.future for r in rows)))
+        try:
+            answers = await asyncio.gather(*(r.future for r in rows), return_exceptions=True)
+        except asyncio.CancelledError:
+            withdrawn = 0
+            for r in rows:
+                if r.future.cancel():  # still queued or running: a queued row is dropped when popped
+                    withdrawn += 1
+                if r.timer:
+                    r.timer.cancel()
+            self.metrics.cancelled.labels(self.model.name).inc(withdrawn)
+            raise
+        for a in answers:  # every row's outcome is retrieved, so a failed batch is reported once
+            if isinstance(a, BaseException):
+                raise a
+        return answers
 
     def _retry_after(self) -> float:
         # Time to work off the queue at the recent batch pace, at least one delay period.
@@ -250,7 +275,7 @@ class ServingEngine:
         now = time.monotonic()
         row.future.set_result(Answer("deadline_exceeded", flops=row.flops, degraded=row.degraded,
                                      latency_ms=(now - row.arrival) * 1e3, queue_ms=row.queue_s * 1e3,
-                                     compute_ms=row.compute_s * 1e3))
+                                     compute_ms=row.compute_s * 1e3, triage_level=row.level))
         name = self.model.name
         self.metrics.requests.labels(name, "deadline_exceeded").inc()
         self.metrics.slo.labels(name, "no").inc()
@@ -311,9 +336,13 @@ class ServingEngine:
                 await self._run_batch(stage, rows)
             except Exception as e:  # a failing batch answers its rows with the error and the server goes on
                 log.exception("batch of %d rows at stage %d failed", len(rows), stage)
+                error = e if isinstance(e, ModelFailed) else ModelFailed(
+                    f"model {self.model.name!r} failed on a batch of {len(rows)} rows at stage {stage}: "
+                    f"{type(e).__name__}: {e}")
+                self.metrics.requests.labels(self.model.name, "error").inc(len(rows))
                 for r in rows:
                     if not r.future.done():
-                        r.future.set_exception(e)
+                        r.future.set_exception(error)
                         if r.timer:
                             r.timer.cancel()
             finally:
@@ -332,12 +361,14 @@ class ServingEngine:
             r.flops += float(out.flops[i])
             r.compute_s += out.compute_s
             r.degraded = r.degraded or level > 0
+            r.level = max(r.level, level)
             if r.future.done():  # answered as expired while the batch ran
                 continue
             if out.done[i]:
                 blocks = float(out.blocks[i]) if out.blocks is not None else None
                 self._answer(r, Answer("ok", out.label[i], out.confidence[i], stage, blocks, r.flops, r.degraded,
-                                       (now - r.arrival) * 1e3, r.queue_s * 1e3, r.compute_s * 1e3), stage)
+                                       (now - r.arrival) * 1e3, r.queue_s * 1e3, r.compute_s * 1e3, r.level),
+                             stage)
             else:
                 r.x = out.next_x[i] if out.next_x is not None else r.x
                 self._push(stage + 1, r)
@@ -351,6 +382,9 @@ class ServingEngine:
             x = torch.stack(rows).to(self.device, non_blocking=True)
             t0 = time.perf_counter()
             res = self.model.stage(stage, x, self.levels[level])
+            if not bool(torch.isfinite(res.logits).all()):
+                raise ModelFailed(f"model {self.model.name!r} gave NaN or infinite logits on a batch of {len(rows)} "
+                                  f"rows at stage {stage}")
             conf, label = res.logits.float().softmax(-1).max(-1)
             out = _BatchOut(
                 res.done.cpu().tolist(), res.flops.cpu().tolist(), conf.cpu().tolist(),
@@ -430,10 +464,11 @@ class _BatchOut:
 
 
 def _updated(obj: Any, changes: dict[str, Any]) -> Any:
-    """A copy of the dataclass ``obj`` with ``changes`` converted to each field's type."""
+    """A copy of the dataclass ``obj`` with ``changes``; unknown keys raise ``ValueError`` (types and
+    bounds are the config's own ``validate``)."""
     values = dict(vars(obj))
     for k, v in changes.items():
         if k not in values:
             raise ValueError(f"unknown setting {k!r}; known: {sorted(values)}")
-        values[k] = v if isinstance(v, type(values[k])) else type(values[k])(v)
+        values[k] = v
     return type(obj)(**values)

@@ -31,6 +31,7 @@ class EngineMetrics:
     flops: Counter
     loop_lag: Gauge
     shed: Counter
+    cancelled: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> EngineMetrics:
@@ -60,4 +61,6 @@ class EngineMetrics:
                   registry=r),
             Counter("serve_shed_total", "Requests answered 503 before parsing because the front end lagged",
                     registry=r),
+            Counter("serve_cancelled_total", "Inputs withdrawn before they were computed: their client went away",
+                    ["model"], registry=r),
         )

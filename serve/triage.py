@@ -10,7 +10,9 @@ import collections
 import math
 from dataclasses import dataclass
 
-__all__ = ["TRIAGE_MODES", "TriageConfig", "TriageController"]
+from serve.batching import check_fields
+
+__all__ = ["TRIAGE_BOUNDS", "TRIAGE_MODES", "TriageConfig", "TriageController"]
 
 TRIAGE_MODES = ("off", "on", "auto")
 
@@ -29,9 +31,18 @@ class TriageConfig:
     step_s: float = 0.0               # auto: at least this long between two raises (0: at every batch)
 
     def validate(self) -> None:
-        """Raise ``ValueError`` on a setting the controller cannot use."""
+        """Raise ``ValueError`` on a setting of the wrong type or out of bounds (see :data:`TRIAGE_BOUNDS`)."""
         if self.mode not in TRIAGE_MODES:
             raise ValueError(f"triage mode must be off, on or auto, got {self.mode!r}")
+        check_fields(self, TRIAGE_BOUNDS)
+        if self.exit_wait_fraction > self.enter_wait_fraction:
+            raise ValueError("exit_wait_fraction must not exceed enter_wait_fraction (no hysteresis otherwise)")
+
+
+TRIAGE_BOUNDS: dict[str, tuple[type, float, float]] = {
+    "level": (int, 0, 64), "enter_wait_fraction": (float, 0.0, 10.0), "exit_wait_fraction": (float, 0.0, 10.0),
+    "hold_s": (float, 0.0, 3600.0), "step_s": (float, 0.0, 3600.0),
+}
 
 
 class TriageController:

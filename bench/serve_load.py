@@ -14,8 +14,10 @@ at least ``peak_attainment`` in each of ``peak_probes`` runs of ``probe_s`` seco
 from __future__ import annotations
 
 import asyncio
-import base64
+import json
 import logging
+import os
+import secrets
 import socket
 import statistics
 import subprocess
@@ -37,7 +39,7 @@ from experiments.runs import load_run
 from experiments.serve import ENGINE_KEYS, model_entries
 from experiments.utils import run_hydra, user_facing
 from gating.errors import UserError
-from serve.loadgen import burst_arrivals, poisson_arrivals, run_load
+from serve.loadgen import burst_arrivals, encode_infer, poisson_arrivals, run_load
 
 
 def _free_port() -> int:
@@ -46,13 +48,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+ADMIN_TOKEN = secrets.token_urlsafe(24)  # this run's server takes settings changes from this bench only
+
+
 def start_server(cfg: DictConfig, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "experiments.serve", f"port={port}", "extras.print_config=false",
+    cmd = [sys.executable, "-m", "experiments.serve", f"port={port}", "grpc_port=null", "extras.print_config=false",
            f"batching.slo_ms={cfg.slo_ms}", f"batching.max_batch_size={cfg.max_batch_size}",
            f"batching.max_delay_ms={cfg.max_delay_ms}", f"paths.log_dir={cfg.paths.log_dir}",
            f"hydra.run.dir={cfg.paths.output_dir}/server", *cfg.serve_overrides]
     log = open(Path(cfg.paths.output_dir) / "server.log", "w")  # noqa: SIM115  (open while the server runs)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cfg.paths.root_dir)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cfg.paths.root_dir,
+                            env={**os.environ, "SERVE_ADMIN_TOKEN": ADMIN_TOKEN})
     t_end = time.monotonic() + cfg.startup_timeout_s
     while time.monotonic() < t_end:
         if proc.poll() is not None:
@@ -68,7 +74,8 @@ def start_server(cfg: DictConfig, port: int) -> subprocess.Popen:
 
 
 def put(url: str, model: str, body: dict[str, Any]) -> None:
-    r = httpx.put(f"{url}/v1/settings/{model}", json=body, timeout=10)
+    r = httpx.put(f"{url}/v2/settings/{model}", json=body, timeout=10,
+                  headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
     r.raise_for_status()
 
 
@@ -129,14 +136,13 @@ def overhead(url: str, model: str, entry: dict[str, Any], xs: torch.Tensor, n: i
     rows = []
     with httpx.Client(base_url=url, timeout=10) as client:
         for i in range(n):
-            raw = xs[i % len(xs)][None].numpy().astype("<f4").tobytes()
-            body = {"tensor_b64": base64.b64encode(raw).decode()}
+            body, headers = encode_infer(xs[i % len(xs)][None].numpy(), "binary", ["label"])
             t0 = time.perf_counter()
-            r = client.post(f"/v1/models/{model}/predict", json=body)
+            r = client.post(f"/v2/models/{model}/infer", content=body, headers=headers)
             rtt = (time.perf_counter() - t0) * 1e3
             r.raise_for_status()
-            a = r.json()["outputs"][0]
-            rows.append({"model": a["compute_ms"], "engine": a["latency_ms"],
+            a = json.loads(r.content[:int(r.headers["inference-header-content-length"])])["parameters"]
+            rows.append({"model": a["compute_ms"], "engine": a["engine_ms"],
                          "server": float(r.headers["server-timing"].split("dur=")[1]), "client": rtt})
     rows = rows[n // 10:]  # warm-up
 
@@ -164,7 +170,7 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     result: dict[str, Any] = {"machine": machine_info("cpu"), "slo_ms": cfg.slo_ms,
                               "max_batch_size": cfg.max_batch_size, "max_delay_ms": cfg.max_delay_ms}
     try:
-        result["models"] = httpx.get(f"{url}/v1/models").json()["models"]
+        result["models"] = [httpx.get(f"{url}/v2/models/{m}/levels").json() for m in cfg.models]
         served = model_entries(OmegaConf.load(Path(cfg.paths.output_dir) / "server" / ".hydra" / "config.yaml"))
         result["overhead"] = {m: overhead(url, m, served[m], x, cfg.overhead_requests) for m in cfg.models}
         peaks = {}
@@ -206,7 +212,7 @@ def burst_runs(url: str, model: str, xs: list, ys: list, base: float, cfg: DictC
             put(url, model, {"triage": {"mode": mode}})
             time.sleep(1.0)
             rep = {"triage": mode, **load(url, model, xs, ys, arrivals, cfg)}
-            settings = httpx.get(f"{url}/v1/settings").json()[model]
+            settings = httpx.get(f"{url}/v2/settings").json()[model]
             rep["triage_changes"] = [c for c in settings["triage_changes"]  # this run's, newest last
                                      if c["s_ago"] <= rep["duration_s"] + 1.0]
             runs.append(rep)

@@ -12,7 +12,7 @@ Prints one row per server and round (p50s) and writes JSON.
 
 from __future__ import annotations
 
-import base64
+import json
 import statistics
 from typing import Any
 
@@ -27,17 +27,17 @@ from experiments.data import batches_to_tensor
 from experiments.report import machine_info, markdown_table, write_json
 from experiments.utils import run_hydra, user_facing
 from gating.errors import UserError
-from serve.loadgen import LOOPBACK
+from serve.loadgen import LOOPBACK, encode_infer
 
 
 def one(client: httpx.Client, model: str, x: torch.Tensor) -> dict[str, float]:
     """One single-input request: the model's, the engine's and the server's time, in ms."""
-    body = {"tensor_b64": base64.b64encode(x[None].numpy().astype("<f4").tobytes()).decode()}
-    r = client.post(f"/v1/models/{model}/predict", json=body)
+    body, headers = encode_infer(x[None].numpy(), "binary", ["label"])
+    r = client.post(f"/v2/models/{model}/infer", content=body, headers=headers)
     r.raise_for_status()
-    a = r.json()["outputs"][0]
+    a = json.loads(r.content[:int(r.headers["inference-header-content-length"])])["parameters"]
     server = float(r.headers["server-timing"].split("dur=")[1])
-    return {"model": a["compute_ms"], "engine": a["latency_ms"], "server": server}
+    return {"model": a["compute_ms"], "engine": a["engine_ms"], "server": server}
 
 
 def interleaved_round(clients: dict[str, httpx.Client], model: str, x: torch.Tensor, n: int,

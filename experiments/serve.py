@@ -1,15 +1,18 @@
-"""Serve trained models over HTTP with dynamic batching, cascade re-batching and triage.
+"""Serve trained models over the Open Inference Protocol (REST and gRPC) with dynamic batching, cascade
+re-batching and triage.
 
-    python -m experiments.serve                                   # the MNIST models, on 127.0.0.1:8000
+    python -m experiments.serve                                   # the MNIST models: HTTP 127.0.0.1:8000, gRPC :8001
     python -m experiments.serve experiment=digits_serve           # the digits pipeline's models (no GPU needed)
-    python -m experiments.serve batching.adaptive=true triage.mode=auto port=8080
-    python -m serve.cli triage auto --model cascade               # switch triage while serving
+    python -m experiments.serve batching.adaptive=true triage.mode=auto port=8080 grpc_port=null
+    SERVE_ADMIN_TOKEN=... python -m experiments.serve             # allow settings changes over HTTP
+    SERVE_ADMIN_TOKEN=... python -m serve.cli triage auto --model cascade   # switch triage while serving
 
 Which models are served is a preset of the ``served`` group (``configs/served/{mnist,digits}.yaml``):
 name -> a run reference (:func:`experiments.runs.load_run`: a cascade, SkipNet or plain training run)
 with its options, and optionally the model's own ``batching`` and ``triage`` knobs over the global
 ones. Before serving, every operating point of every model is run on the validation split and its
-accuracy and GFLOPs per image are published as the model's triage levels at ``GET /v1/models``. The
+accuracy and GFLOPs per image are published as the model's triage levels at
+``GET /v2/models/{name}/levels``. The
 same engine runs on a GPU when ``device=auto`` finds one.
 """
 
@@ -98,9 +101,17 @@ def build_app(cfg: DictConfig):
     gc.collect()
     gc.freeze()
     norm = cfg.get("image_normalize")
+    token = cfg.get("admin_token")
+    if token is not None and len(str(token)) < 16:
+        raise UserError("admin_token must be at least 16 characters (e.g. `python -c 'import secrets; "
+                        "print(secrets.token_urlsafe())'`), or null to refuse settings changes over HTTP")
     app = create_app(engines, cfg.max_body_bytes, cfg.max_inputs,
                      {n: (list(norm.mean), list(norm.std)) for n in engines} if norm else None,
-                     shed_lag_ms=cfg.get("shed_lag_ms"), lag_interval_ms=cfg.get("lag_interval_ms", 5.0))
+                     shed_lag_ms=cfg.get("shed_lag_ms"), lag_interval_ms=cfg.get("lag_interval_ms", 5.0),
+                     admin_token=str(token) if token is not None else None,
+                     body_timeout_s=cfg.get("body_timeout_s", 10.0),
+                     max_image_bytes=cfg.get("max_image_bytes", 1 << 20),
+                     grpc_host=cfg.host, grpc_port=cfg.get("grpc_port"))
     return app, engines
 
 
@@ -108,11 +119,16 @@ def build_app(cfg: DictConfig):
 def serve(cfg: DictConfig) -> None:
     import uvicorn
 
+    from serve.frontend import header_timeout_protocol
+
     app, engines = build_app(cfg)
-    log.info("serving %s on http://%s:%d (docs at /docs)", sorted(engines), cfg.host, cfg.port)
+    grpc = f" and grpc://{cfg.host}:{cfg.grpc_port}" if cfg.get("grpc_port") is not None else ""
+    log.info("serving %s over the Open Inference Protocol on http://%s:%d%s (docs at /docs)", sorted(engines),
+             cfg.host, cfg.port, grpc)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.get("log_level", "warning"),
                 timeout_graceful_shutdown=cfg.get("graceful_shutdown_s", 30),
-                limit_concurrency=cfg.get("limit_concurrency"))
+                limit_concurrency=cfg.get("limit_concurrency"),
+                http=header_timeout_protocol(cfg.get("header_timeout_s", 10.0)))
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="serve.yaml")

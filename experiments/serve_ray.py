@@ -9,7 +9,7 @@ Each replica builds its engines from the same config as ``python -m experiments.
 checkpoint and the validation data must be readable on every node: shared storage) and serves the
 same FastAPI app, so routes, answers, knobs and Prometheus metrics are the same; Ray's proxy spreads
 requests over the replicas, and each replica batches, re-batches and triages its own share. A
-``PUT /v1/settings/...`` reaches only the replica that takes it; to change a knob on all of them use
+``PUT /v2/settings/...`` reaches only the replica that takes it; to change a knob on all of them use
 ``ray.user_config`` (``{model: {"batching": {...}, "triage": {...}}}``), which Ray hands to every
 replica's ``reconfigure`` without restarting it. Auto triage stays per replica: each one sheds its own load.
 """

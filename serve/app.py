@@ -125,7 +125,7 @@ class InferResponseBody(BaseModel):
     model_name: str
     model_version: str | None = None
     id: str | None = None
-    parameters: dict[str, Scalar] | None = Field(None, description="compute_ms, queue_ms, triage_level")
+    parameters: dict[str, Scalar] | None = Field(None, description="engine_ms, compute_ms, queue_ms, triage_level")
     outputs: list[InferOutputTensor]
 
 
@@ -299,7 +299,7 @@ def create_app(engines: dict[str, ServingEngine], max_body_bytes: int = 8 << 20,
         for m in registries.values():
             m.shed.inc()
 
-    grpc = {"host": grpc_host, "port": grpc_port, "max_message_bytes": max_body_bytes} if grpc_port is not None else None
+    grpc = None if grpc_port is None else {"host": grpc_host, "port": grpc_port, "max_message_bytes": max_body_bytes}
     app = FastAPI(title="adaptive-inference serving", version=VERSION, lifespan=_lifespan(service, monitor, grpc),
                   description=__doc__)
     app.state.loop_lag, app.state.service = monitor, service
@@ -428,7 +428,8 @@ def _extension_routes(service: InferenceService, admin_token: str | None) -> API
         given = request.headers.get("authorization", "")
         if admin_token is None:
             raise ProtocolError("this server was started without admin_token: settings cannot be changed over "
-                                "HTTP (start it with admin_token=... or SERVE_ADMIN_TOKEN set)", 403, "PERMISSION_DENIED")
+                                "HTTP (start it with admin_token=... or SERVE_ADMIN_TOKEN set)", 403,
+                                "PERMISSION_DENIED")
         if not given.startswith("Bearer "):
             raise ProtocolError("changing settings needs 'Authorization: Bearer <admin_token>'", 401,
                                 "UNAUTHENTICATED", {"WWW-Authenticate": "Bearer"})

@@ -52,7 +52,8 @@ def check_fields(obj: Any, bounds: dict[str, tuple[type, float, float]]) -> None
         else:
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi
         if not ok:
-            what = "true or false" if kind is bool else f"{'an integer' if kind is int else 'a number'} in [{lo:g}, {hi:g}]"
+            noun = "an integer" if kind is int else "a number"
+            what = "true or false" if kind is bool else f"{noun} in [{lo:g}, {hi:g}]"
             raise ValueError(f"setting {name!r} must be {what}, got {v!r}")
 
 

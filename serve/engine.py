@@ -242,9 +242,9 @@ class ServingEngine:
             answers = await asyncio.gather(*(r.future for r in rows), return_exceptions=True)
         except asyncio.CancelledError:
             withdrawn = 0
-            for r in rows:
-                if r.future.cancel():  # still queued or running: a queued row is dropped when popped
-                    withdrawn += 1
+            for r in rows:  # gather has cancelled the unanswered ones: a queued row is dropped when popped
+                r.future.cancel()
+                withdrawn += r.future.cancelled()
                 if r.timer:
                     r.timer.cancel()
             self.metrics.cancelled.labels(self.model.name).inc(withdrawn)

@@ -15,7 +15,7 @@ import asyncio
 import collections
 import contextlib
 
-__all__ = ["LoopLagMonitor"]
+__all__ = ["LoopLagMonitor", "header_timeout_protocol"]
 
 
 class LoopLagMonitor:
@@ -63,3 +63,49 @@ class LoopLagMonitor:
         late_now = max(0.0, now - self._due)
         recent = max((lag for t, lag in self._samples if t >= now - self.window_s), default=0.0)
         return max(recent, late_now)
+
+
+def header_timeout_protocol(timeout_s: float):
+    """uvicorn's HTTP protocol class with a limit on the time a request's head may take to arrive.
+
+    uvicorn times out idle keep-alive connections but not a connection that trickles its request line
+    and headers (slowloris): each would hold a socket and a parser for ever. This subclass closes a
+    connection whose head is not complete ``timeout_s`` after it opened or after its request began.
+    (Bodies are timed by the app's front door.) Pass it as ``uvicorn.run(..., http=...)``.
+    """
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class HeaderTimeoutProtocol(HttpToolsProtocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._head_timer = self.loop.call_later(timeout_s, self._head_too_slow)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_too_slow(self) -> None:
+            self._head_timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutProtocol

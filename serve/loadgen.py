@@ -1,4 +1,5 @@
-"""Open-loop load for the HTTP endpoint: Poisson arrivals and on/off bursts, to loopback only.
+"""Open-loop load for the protocol endpoint (``POST /v2/models/{name}/infer``): Poisson arrivals and on/off
+bursts, to loopback only.
 
 Requests are sent at their scheduled times whether or not earlier ones have been answered (closed-loop
 clients wait, and so hide the tail). Each request carries one or more inputs and their labels; the report gives
@@ -9,7 +10,6 @@ counts, and the accuracy of what was answered.
 from __future__ import annotations
 
 import asyncio
-import base64
 import gc
 import json
 import random
@@ -22,10 +22,12 @@ from urllib.parse import urlparse
 import aiohttp
 import numpy as np
 
-__all__ = ["LoadReport", "burst_arrivals", "encode_bodies", "poisson_arrivals", "run_load", "summarize"]
+__all__ = ["ENCODINGS", "EncodedRequest", "LoadReport", "burst_arrivals", "encode_bodies", "encode_infer",
+           "poisson_arrivals", "read_outputs", "run_load", "summarize"]
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 SHED = (429, 503)  # refused by the server under load (full queue, or shedding): counted as rejected
+EXPIRED = 504      # the request's deadline passed before its inputs were answered
 
 
 def poisson_arrivals(rate: float, duration_s: float, seed: int = 0) -> list[float]:
@@ -79,65 +81,108 @@ async def run_load(url: str, model: str, inputs: Sequence[list], labels: Sequenc
                    arrivals: Sequence[float], slo_ms: float, deadline_ms: float | None = None,
                    timeout_s: float = 30.0, max_connections: int = 512, inputs_per_request: int = 1,
                    encoding: str = "json") -> LoadReport:
-    """Send one request per arrival time (cycling through ``inputs``) and measure the answers.
+    """Send one protocol ``infer`` request per arrival time (cycling through ``inputs``) and measure the answers.
 
     Each request carries ``inputs_per_request`` inputs (Clipper's ``input_batch``), which spreads the
     HTTP cost over several inputs; counts and rates are per input. An input counts towards SLO
-    attainment when it is answered ``ok`` within ``slo_ms`` (client-side time of its request);
-    rejected (429 or 503), expired and failed inputs count as misses. ``encoding="b64"`` sends the inputs as
-    base64 float32 bytes (``tensor_b64``) instead of JSON numbers.
+    attainment when it is answered within ``slo_ms`` (client-side time of its request); rejected (429
+    or 503), expired (504) and failed inputs count as misses. ``encoding="binary"`` sends the tensor and
+    asks for the outputs with the protocol's binary tensor extension instead of JSON numbers.
+    Accuracy is the answered labels against ``labels``, on the client.
     """
-    if encoding not in ("json", "b64"):
-        raise ValueError(f"encoding must be json or b64, got {encoding!r}")
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
     host = urlparse(url).hostname
     if host not in LOOPBACK:
         raise ValueError(f"the load generator only targets loopback, not {host!r}")
     # Encode the bodies before the clock starts: the generator must not be the bottleneck it measures.
-    bodies = encode_bodies(inputs, labels, len(arrivals), inputs_per_request, encoding, deadline_ms)
-    path = f"{url.rstrip('/')}/v1/models/{model}/predict"
+    requests = encode_bodies(inputs, labels, len(arrivals), inputs_per_request, encoding, deadline_ms)
+    path = f"{url.rstrip('/')}/v2/models/{model}/infer"
     # No cyclic GC while measuring: a full collection over this process (torch included) paused the
     # client for 100-220 ms on 2 cores, delaying sends and answers alike. The run's garbage is freed after.
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
     try:
-        results, duration = await _send_all(path, bodies, arrivals, inputs_per_request, timeout_s, max_connections)
+        results, duration = await _send_all(path, requests, arrivals, inputs_per_request, timeout_s, max_connections)
     finally:
         if gc_was_enabled:
             gc.enable()
     return summarize(results, arrivals, duration, slo_ms)
 
 
-def encode_bodies(inputs: Sequence[list], labels: Sequence[int] | None, n_requests: int, inputs_per_request: int,
-                  encoding: str, deadline_ms: float | None) -> list[bytes]:
-    """The JSON body of every request; request ``i`` carries the inputs from ``(i * k) % n`` on."""
-    k = inputs_per_request
-    cache: dict[int, bytes] = {}  # few distinct bodies
+ENCODINGS = ("json", "binary")
 
-    def body_of(i: int) -> bytes:
+
+@dataclass
+class EncodedRequest:
+    """One request's body and headers, and the labels of its inputs (None: unlabelled)."""
+
+    body: bytes
+    headers: dict[str, str]
+    labels: list[int] | None
+
+
+def encode_infer(x: np.ndarray, encoding: str = "binary", outputs: Sequence[str] | None = None,
+                 parameters: dict[str, Any] | None = None) -> tuple[bytes, dict[str, str]]:
+    """A protocol ``infer`` body for the float32 batch ``x`` and its headers; ``binary`` sends the tensor
+    and asks for the outputs in the binary tensor extension."""
+    x = np.ascontiguousarray(x, dtype="<f4")
+    tensor: dict[str, Any] = {"name": "input", "shape": list(x.shape), "datatype": "FP32"}
+    doc: dict[str, Any] = {"inputs": [tensor], "parameters": dict(parameters or {})}
+    if outputs is not None:
+        doc["outputs"] = [{"name": n} for n in outputs]
+    if encoding == "binary":
+        raw = x.tobytes()
+        tensor["parameters"] = {"binary_data_size": len(raw)}
+        doc["parameters"]["binary_data_output"] = True
+        head = json.dumps(doc).encode()
+        return head + raw, {"content-type": "application/octet-stream",
+                            "inference-header-content-length": str(len(head))}
+    tensor["data"] = x.reshape(-1).tolist()
+    return json.dumps(doc).encode(), {"content-type": "application/json"}
+
+
+def encode_bodies(inputs: Sequence[list], labels: Sequence[int] | None, n_requests: int, inputs_per_request: int,
+                  encoding: str, deadline_ms: float | None) -> list[EncodedRequest]:
+    """Every request's protocol body; request ``i`` carries the inputs from ``(i * k) % n`` on."""
+    k = inputs_per_request
+    cache: dict[int, EncodedRequest] = {}  # few distinct bodies
+    params = {} if deadline_ms is None else {"deadline_ms": deadline_ms}
+
+    def body_of(i: int) -> EncodedRequest:
         start = (i * k) % len(inputs)
         if start not in cache:
             idx = [(start + j) % len(inputs) for j in range(k)]
-            if encoding == "b64":
-                raw = np.asarray([inputs[j] for j in idx], dtype="<f4").tobytes()
-                body: dict[str, Any] = {"tensor_b64": base64.b64encode(raw).decode()}
-            else:
-                body = {"inputs": [inputs[j] for j in idx]}
-            if labels is not None:
-                body["labels"] = [int(labels[j]) for j in idx]
-            if deadline_ms is not None:
-                body["deadline_ms"] = deadline_ms
-            cache[start] = json.dumps(body).encode()
+            body, headers = encode_infer(np.asarray([inputs[j] for j in idx], dtype="<f4"), encoding,
+                                         ["label", "triage_level"], params)
+            cache[start] = EncodedRequest(body, headers, [int(labels[j]) for j in idx] if labels is not None else None)
         return cache[start]
 
     return [body_of(i) for i in range(n_requests)]
 
 
-async def _send_all(path: str, bodies: list[bytes], arrivals: Sequence[float], k: int, timeout_s: float,
+def read_outputs(payload: bytes, header_length: str | None) -> dict[str, np.ndarray]:
+    """The outputs of a protocol ``infer`` response (JSON, or JSON + binary tensors) as arrays by name."""
+    from serve.oip import DTYPES
+
+    head = payload[:int(header_length)] if header_length else payload
+    offset = len(head)
+    out = {}
+    for t in json.loads(head)["outputs"]:
+        size = (t.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            out[t["name"]] = np.frombuffer(payload[offset:offset + size], dtype=DTYPES[t["datatype"]])
+            offset += size
+        else:
+            out[t["name"]] = np.asarray(t["data"])
+    return out
+
+
+async def _send_all(path: str, requests: list[EncodedRequest], arrivals: Sequence[float], k: int, timeout_s: float,
                     max_connections: int) -> tuple[list[dict[str, Any]], float]:
-    """Send each body at its arrival time, whatever earlier ones are doing; one result per input."""
+    """Send each request at its arrival time, whatever earlier ones are doing; one result per input."""
     results: list[dict[str, Any]] = []
-    headers = {"content-type": "application/json"}
     # aiohttp, not httpx: the generator shares the cores with the server it measures, and httpx's
     # connection pool costs more CPU per request as concurrency grows, which turned every overload
     # into a collapse of the client itself.
@@ -148,14 +193,18 @@ async def _send_all(path: str, bodies: list[bytes], arrivals: Sequence[float], k
         async def one(i: int) -> None:
             # Latency counts from the scheduled send time: a late client must not hide the wait.
             t0 = start + arrivals[i]
+            req = requests[i]
             try:
-                async with session.post(path, data=bodies[i], headers=headers) as r:
+                async with session.post(path, data=req.body, headers=req.headers) as r:
                     payload = await r.read()
+                    header_length = r.headers.get("Inference-Header-Content-Length")
                 ms = (time.perf_counter() - t0) * 1e3
                 if r.status == 200:
-                    for a in json.loads(payload)["outputs"]:
-                        results.append({"code": 200, "ms": ms, "status": a["status"], "degraded": a["degraded"],
-                                        "correct": a.get("correct")})
+                    out = read_outputs(payload, header_length)
+                    for j, (label, level) in enumerate(zip(out["label"], out["triage_level"])):
+                        correct = bool(label == req.labels[j]) if req.labels is not None else None
+                        results.append({"code": 200, "ms": ms, "status": "ok", "degraded": bool(level > 0),
+                                        "correct": correct})
                 else:
                     results.extend({"code": r.status, "ms": ms} for _ in range(k))
             except (aiohttp.ClientError, asyncio.TimeoutError):
@@ -181,8 +230,8 @@ def summarize(results: list[dict[str, Any]], arrivals: Sequence[float], duration
     span = max(arrivals[-1] if arrivals else duration, 1e-9)  # offered_rps and the rates below are inputs/s
     return LoadReport(
         sent=len(results), answered_ok=len(ok), rejected=sum(r["code"] in SHED for r in results),
-        expired=sum(r["code"] == 200 and r["status"] == "deadline_exceeded" for r in results),
-        errors=sum(r["code"] not in (200, *SHED) for r in results), duration_s=duration,
+        expired=sum(r["code"] == EXPIRED for r in results),
+        errors=sum(r["code"] not in (200, EXPIRED, *SHED) for r in results), duration_s=duration,
         offered_rps=len(results) / span, throughput_rps=len(ok) / duration, goodput_rps=met / duration,
         p50_ms=float(np.percentile(lat, 50)), p95_ms=float(np.percentile(lat, 95)),
         p99_ms=float(np.percentile(lat, 99)), slo_ms=slo_ms,

@@ -19,8 +19,9 @@ Outputs, one row per input (all when the request names none): ``label`` INT64, `
 ``exit_stage`` INT32 (the cascade stage that answered), ``blocks_executed`` FP32 (SkipNet models
 only), ``gflops`` FP64 (the row's exact cost), ``triage_level`` INT32 (0 = as calibrated).
 Request ``parameters`` we read: ``deadline_ms`` (or Triton's ``timeout`` in microseconds),
-``priority``, ``binary_data_output``. Response ``parameters``: ``compute_ms``, ``queue_ms``,
-``triage_level`` (the highest any row was answered at).
+``priority``, ``binary_data_output``. Response ``parameters`` (maxima over the rows): ``engine_ms``
+(arrival in the engine to answer), ``compute_ms`` (the model's time on the batches the rows were in),
+``queue_ms``, ``triage_level``.
 """
 
 from __future__ import annotations
@@ -35,9 +36,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DTYPES", "OUTPUTS", "InferRequest", "ProtocolError", "Signature", "Tensor", "array_from_raw", "bytes_elements",
-           "parse_json_request",
-           "output_tensors", "requested_outputs", "rest_response", "server_metadata"]
+__all__ = ["DTYPES", "OUTPUTS", "InferRequest", "ProtocolError", "Signature", "Tensor", "array_from_raw",
+           "bytes_elements", "parse_json_request", "output_tensors", "requested_outputs", "rest_response", "server_metadata"]
 
 # The protocol's tensor datatypes we read or write, as little-endian numpy types.
 DTYPES: dict[str, str] = {"BOOL": "?", "UINT8": "u1", "INT32": "<i4", "INT64": "<i8", "FP16": "<f2",

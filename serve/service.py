@@ -83,7 +83,8 @@ class InferenceService:
         rows = [{"label": a.label, "confidence": a.confidence, "exit_stage": a.exit_stage,
                  "blocks_executed": a.blocks_executed, "gflops": a.flops / 1e9, "triage_level": a.triage_level}
                 for a in answers]
-        params = {"compute_ms": round(max(a.compute_ms for a in answers), 3),
+        params = {"engine_ms": round(max(a.latency_ms for a in answers), 3),
+                  "compute_ms": round(max(a.compute_ms for a in answers), 3),
                   "queue_ms": round(max(a.queue_ms for a in answers), 3),
                   "triage_level": max(a.triage_level for a in answers)}
         return InferResult(output_tensors(rows, requested), params)

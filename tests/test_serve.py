@@ -4,9 +4,6 @@ contract (bad inputs included) and a short open-loop load run over real HTTP on 
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
-import io
 import json
 import math
 import socket
@@ -19,40 +16,12 @@ import torch
 from fastapi.testclient import TestClient
 
 from cascades import CascadeAdapter, build_cascade
-from gating.adapters import ModelAdapter, Point, StageResult, price_points
+from gating.adapters import price_points
 from gating.idk import MaxProbIDK
 from models import create_model
-from serve.app import create_app
 from serve.engine import BatchingConfig, EngineClosed, QueueFull, ServingEngine, TriageConfig
 from serve.loadgen import burst_arrivals, poisson_arrivals, run_load
-
-
-class FakeCascade(ModelAdapter):
-    """Two stages; stage 0 answers rows whose first value is >= 0 (at triage level >= 1: every row).
-    Records the size of every batch per stage, and sleeps ``delay_s`` per batch."""
-
-    kind = "cascade"
-
-    def __init__(self, delay_s: float = 0.0) -> None:
-        super().__init__("fake", [Point("default"), Point("first_stage", {"first_stage": True})], (3,), 2)
-        self.delay_s = delay_s
-        self.batches: list[tuple[int, int]] = []
-
-    @property
-    def num_stages(self) -> int:
-        return 2
-
-    def modules(self) -> list[torch.nn.Module]:
-        return []
-
-    def stage(self, k: int, x: torch.Tensor, point=None) -> StageResult:
-        self.batches.append((k, len(x)))
-        if self.delay_s:
-            time.sleep(self.delay_s)
-        first_stage = self.point(point).settings.get("first_stage", False)
-        done = torch.ones(len(x), dtype=torch.bool) if k == 1 or first_stage else x[:, 0] >= 0
-        logits = torch.stack([x[:, 1], -x[:, 1]], 1)
-        return StageResult(done, logits, torch.full((len(x),), 10.0 * (k + 1), dtype=torch.float64), None, x)
+from tests.helpers.serving import AUTH, FakeCascade, infer_json, make_app, served
 
 
 def _run(coro):
@@ -205,93 +174,50 @@ def test_stop_drains_in_flight_work():
 
 
 # ------------------------------------------------------------------------------------------ HTTP API
-def _png(value: int = 128) -> str:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("L", (8, 8), value).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def _app(max_queue: int = 4096, delay_s: float = 0.0, shed_lag_ms: float | None = None):
-    torch.manual_seed(0)
-    stages = {"lin": create_model("linear", num_classes=10, in_chans=1, image_size=8),
-              "cnn": create_model("tiny_cnn", num_classes=10, in_chans=1, width=4)}
-    cascade = build_cascade(stages, MaxProbIDK(), thresholds=[0.15]).eval()
-    adapter = CascadeAdapter(cascade, name="cascade", input_shape=(1, 8, 8), num_classes=10)
-    batching = BatchingConfig(max_batch_size=16, max_delay_ms=1, max_queue=max_queue)
-    engines = {"cascade": ServingEngine(adapter, batching),
-               "fake": ServingEngine(FakeCascade(delay_s), BatchingConfig(max_batch_size=2, max_delay_ms=0,
-                                                                          max_queue=max_queue, slo_ms=10000))}
-    return create_app(engines, max_body_bytes=200_000, max_inputs=64, shed_lag_ms=shed_lag_ms)
-
-
-def test_http_contract_and_bad_inputs():
-    with TestClient(_app()) as client:
-        ok = client.post("/v1/models/cascade/predict", json={"inputs": torch.randn(3, 1, 8, 8).tolist(),
-                                                            "labels": [1, 2, 3]})
+def test_http_settings_metrics_and_probes():
+    with TestClient(make_app()) as client:
+        body = infer_json(torch.zeros(1, 1, 8, 8))
+        ok = client.post("/v2/models/cascade/infer", json=body)
         assert ok.status_code == 200 and float(ok.headers["server-timing"].split("dur=")[1]) > 0
-        outs = ok.json()["outputs"]
-        assert len(outs) == 3 and {"label", "confidence", "exit_stage", "flops", "degraded", "status",
-                                   "correct"} <= set(outs[0])
-        one = client.post("/v1/models/cascade/predict", json={"input": torch.randn(1, 8, 8).tolist()})
-        assert one.status_code == 200 and len(one.json()["outputs"]) == 1
-        img = client.post("/v1/models/cascade/predict", json={"images": [_png(), _png(20)]})
-        assert img.status_code == 200 and len(img.json()["outputs"]) == 2
-        x = torch.randn(4, 1, 8, 8)
-        raw = base64.b64encode(x.numpy().astype("<f4").tobytes()).decode()
-        fast = client.post("/v1/models/cascade/predict", json={"tensor_b64": raw})
-        slow = client.post("/v1/models/cascade/predict", json={"inputs": x.tolist()})
-        assert [a["label"] for a in fast.json()["outputs"]] == [a["label"] for a in slow.json()["outputs"]]
-        assert client.post("/v1/models/cascade/predict", json={"tensor_b64": raw[:-8]}).status_code == 422
-
-        def post(body=None, content=None, model="cascade"):
-            return client.post(f"/v1/models/{model}/predict", json=body, content=content,
-                               headers={"content-type": "application/json"})
-
-        assert post(content=b"{not json").status_code == 400
-        assert post({"inputs": [[1, 2, 3]]}).status_code == 422                       # wrong shape
-        assert "shape" in post({"inputs": [[1, 2, 3]]}).json()["detail"]
-        assert post({"inputs": [["a"] * 8] * 8}).status_code == 422                    # wrong dtype
-        nan = torch.zeros(1, 8, 8).tolist()
-        nan[0][0][0] = float("nan")
-        assert post(content=f'{{"input": {str(nan).replace("nan", "NaN")}}}'.encode()).status_code == 422
-        inf = post(content=b'{"input": [[' + b",".join([b"Infinity"] * 8) + b"]" + b",[0,0,0,0,0,0,0,0]" * 7 + b"]}")
-        assert inf.status_code == 422
-        assert post({"input": [[0.0] * 8] * 8, "inputs": [[[0.0] * 8] * 8]}).status_code == 422   # both
-        assert post({"images": ["bm90IGFuIGltYWdl"]}).status_code == 422              # not an image
-        assert post({"inputs": torch.zeros(65, 1, 8, 8).tolist()}).status_code == 413  # too many inputs
-        assert post(content=b'{"inputs": [' + b"0," * 150_000 + b"0]}").status_code == 413   # too big
-        assert post({"input": torch.zeros(1, 8, 8).tolist()}, model="nope").status_code == 404
-        assert post({"input": torch.zeros(1, 8, 8).tolist(), "deadline_ms": -1}).status_code == 422
-        # The server still serves after all that.
-        assert post({"input": torch.zeros(1, 8, 8).tolist()}).status_code == 200
-
-        models = client.get("/v1/models").json()["models"]
-        assert {m["name"] for m in models} == {"cascade", "fake"}
-        cascade = next(m for m in models if m["name"] == "cascade")
-        assert cascade["stages"] == 2 and cascade["triage_levels"][-1]["settings"]["thresholds"] == ["-inf"]
-        assert client.get("/healthz").json() == {"status": "ok"} and client.get("/readyz").status_code == 200
-        s = client.put("/v1/settings/cascade", json={"triage": {"mode": "on"}, "batching": {"max_batch_size": 4}})
+        levels = client.get("/v2/models/cascade/levels").json()
+        assert levels["stages"] == 2 and levels["triage_levels"][-1]["settings"]["thresholds"] == ["-inf"]
+        assert client.get("/healthz").json() == {"live": True} and client.get("/readyz").status_code == 200
+        # Settings change only with the admin token, and only to typed values within bounds.
+        change = {"triage": {"mode": "on"}, "batching": {"max_batch_size": 4}}
+        assert client.put("/v2/settings/cascade", json=change).status_code == 401
+        assert client.put("/v2/settings/cascade", json=change,
+                          headers={"Authorization": "Bearer wrong"}).status_code == 403
+        s = client.put("/v2/settings/cascade", json=change, headers=AUTH)
         assert s.status_code == 200 and s.json()["triage_level"] == 1
-        degraded = post({"input": torch.zeros(1, 8, 8).tolist()}).json()["outputs"][0]
-        assert degraded["degraded"] and degraded["exit_stage"] == 0
-        assert client.put("/v1/settings/cascade", json={"triage": {"mode": "maybe"}}).status_code == 422
-        assert client.get("/v1/settings").json()["cascade"]["batching"]["max_batch_size"] == 4
+        out = client.post("/v2/models/cascade/infer", json=body).json()
+        assert out["parameters"]["triage_level"] == 1
+        assert {o["name"]: o["data"] for o in out["outputs"]}["exit_stage"] == [0]
+        for bad in ({"triage": {"mode": "maybe"}}, {"batching": {"max_batch_size": True}},
+                    {"batching": {"max_batch_size": 10**12}}, {"batching": {"slo_ms": "100"}},
+                    {"batching": {"max_delay_ms": -1}}, {"batching": {"unknown": 1}}, {"nope": {}}):
+            r = client.put("/v2/settings/cascade", json=bad, headers=AUTH)
+            assert r.status_code == 422 and r.json()["error"], bad
+        for raw in (b'{"batching": {"slo_ms": NaN}}', b'{"batching": {"slo_ms": Infinity}}'):
+            r = client.put("/v2/settings/cascade", content=raw, headers={**AUTH, "content-type": "application/json"})
+            assert r.status_code in (400, 422), raw
+        assert client.get("/v2/settings").json()["cascade"]["batching"]["max_batch_size"] == 4
+        assert client.post("/v2/models/cascade/infer", json=body).status_code == 200  # still serving
         text = client.get("/metrics").text
         for name in ("serve_queue_depth", "serve_queue_wait_seconds", "serve_batch_size", "serve_exits_total",
                      "serve_request_latency_seconds", "serve_slo_total", "serve_triage_level",
-                     "serve_degraded_total", "serve_rejected_total"):
+                     "serve_degraded_total", "serve_rejected_total", "serve_cancelled_total"):
             assert name in text, name
         assert 'serve_triage_level{model="cascade"} 1.0' in text
+    with TestClient(make_app(admin_token=None)) as client:  # no token configured: settings are fixed
+        assert client.put("/v2/settings/cascade", json={"triage": {"mode": "on"}}, headers=AUTH).status_code == 403
 
 
 def test_http_full_queue_is_429_with_retry_after():
-    with TestClient(_app(max_queue=2, delay_s=0.3)) as client:
+    with TestClient(make_app(max_queue=2, delay_s=0.3)) as client:
         results = []
 
         def send():
-            results.append(client.post("/v1/models/fake/predict", json={"inputs": [[1.0, 0.0, 0.0]] * 2}))
+            results.append(client.post("/v2/models/fake/infer", json=infer_json([[1.0, 0.0, 0.0]] * 2)))
 
         threads = [threading.Thread(target=send) for _ in range(3)]
         for t in threads:
@@ -302,41 +228,14 @@ def test_http_full_queue_is_429_with_retry_after():
         codes = sorted(r.status_code for r in results)
         assert codes[0] == 200 and codes[-1] == 429
         r429 = next(r for r in results if r.status_code == 429)
-        assert int(r429.headers["Retry-After"]) >= 1
+        assert int(r429.headers["Retry-After"]) >= 1 and "queue full" in r429.json()["error"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _served(app):
-    """``app`` under a real uvicorn on a free loopback port, in a thread; yields its URL."""
-    import uvicorn
-
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        for _ in range(100):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_open_loop_load_over_real_http():
     x = torch.randn(20, 1, 8, 8)
     arrivals = poisson_arrivals(rate=60, duration_s=1.5, seed=1)
-    with _served(_app()) as url:
+    with served(make_app()) as url:
         report = asyncio.run(run_load(url, "cascade", x.tolist(), list(range(10)) * 2, arrivals, slo_ms=1000))
     assert report.sent == len(arrivals) and report.answered_ok == report.sent
     assert report.rejected == 0 and report.errors == 0 and report.slo_attainment > 0.9
@@ -396,40 +295,43 @@ def test_auto_triage_rises_on_front_end_lag_with_an_empty_queue():
     assert (calm_level, raised, final) == (0, 1, 0)
 
 
-def test_http_sheds_predict_while_the_loop_lags():
-    app = _app(shed_lag_ms=20.0)
+def test_http_sheds_infer_while_the_loop_lags():
+    app = make_app(shed_lag_ms=20.0)
     with TestClient(app) as client:
-        body = {"input": torch.zeros(1, 8, 8).tolist()}
-        assert client.post("/v1/models/cascade/predict", json=body).status_code == 200
+        body = infer_json(torch.zeros(1, 1, 8, 8))
+        assert client.post("/v2/models/cascade/infer", json=body).status_code == 200
         app.state.loop_lag.lag_s = lambda: 0.5  # as if the loop ran 500 ms behind
-        shed = client.post("/v1/models/cascade/predict", json=body)
-        assert shed.status_code == 503 and shed.headers["Retry-After"] == "1" and "behind" in shed.json()["detail"]
-        assert client.get("/healthz").status_code == 200  # only predict is shed
+        shed = client.post("/v2/models/cascade/infer", json=body)
+        assert shed.status_code == 503 and shed.headers["Retry-After"] == "1" and "behind" in shed.json()["error"]
+        assert client.get("/v2/health/live").status_code == 200  # only infer is shed
         app.state.loop_lag.lag_s = lambda: 0.0
-        assert client.post("/v1/models/cascade/predict", json=body).status_code == 200
+        assert client.post("/v2/models/cascade/infer", json=body).status_code == 200
         text = client.get("/metrics").text
         assert "serve_shed_total 1.0" in text and "serve_event_loop_lag_seconds" in text
 
 
-def test_clients_that_disconnect_get_nothing_and_the_server_goes_on():
-    body = json.dumps({"inputs": [[1.0, 0.0, 0.0]] * 2}).encode()
-    head = (b"POST /v1/models/fake/predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+def test_clients_that_disconnect_have_their_queued_inputs_withdrawn():
+    body = json.dumps(infer_json([[1.0, 0.0, 0.0]] * 2)).encode()
+    head = (b"POST /v2/models/fake/infer HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n")
-    with _served(_app(delay_s=0.1)) as url:
+    fake = FakeCascade(delay_s=0.2)
+    with served(make_app(fake=fake)) as url:
         port = int(url.rsplit(":", 1)[1])
-        for _ in range(3):  # gone while their inputs wait or run
+        for _ in range(3):  # gone while their inputs wait (or, the first, run)
             with socket.create_connection(("127.0.0.1", port)) as s:
                 s.sendall(head % len(body) + body)
                 time.sleep(0.02)
         with socket.create_connection(("127.0.0.1", port)) as s:  # gone halfway through its body
             s.sendall(head % len(body) + body[:10])
-        time.sleep(0.8)  # three batches of 0.1 s, and their answers written to closed sockets
-        after = httpx.post(f"{url}/v1/models/fake/predict", json={"inputs": [[1.0, 0.0, 0.0]]}, timeout=10)
+        time.sleep(0.6)
+        after = httpx.post(f"{url}/v2/models/fake/infer", json=infer_json([[1.0, 0.0, 0.0]]), timeout=10)
         metrics = httpx.get(f"{url}/metrics").text
-    assert after.status_code == 200 and after.json()["outputs"][0]["status"] == "ok"
-    # The three gone clients' six inputs were each answered once inside the engine, then the new one;
-    # the request cut off in its body never reached the engine.
-    assert 'serve_answers_total{model="fake",status="ok"} 7.0' in metrics
+    assert after.status_code == 200
+    # Only the first gone client's batch was already running; the other two were withdrawn unrun
+    # (queued, or not yet queued when their client left).
+    assert sum(n for k, n in fake.batches if k == 0) == 2 + 1
+    assert 'serve_cancelled_total{model="fake"} 0.0' not in metrics
+    assert 'serve_answers_total{model="fake",status="ok"} 1.0' in metrics
     assert 'serve_queue_depth{model="fake",stage="0"} 0.0' in metrics
 
 
@@ -471,8 +373,13 @@ def test_adaptive_batch_limit_without_an_event_loop():
     assert lim.limit == 1                      # never below one row
     lim.configure(BatchingConfig(max_batch_size=4, adaptive=False))
     assert lim.limit == 4
-    with pytest.raises(ValueError, match="finite"):
-        BatchingConfig(slo_ms=float("nan")).validate()
+    for bad in ({"slo_ms": float("nan")}, {"slo_ms": float("inf")}, {"max_batch_size": True},
+                {"max_batch_size": 2.0}, {"max_queue": 0}, {"adaptive": 1}, {"max_delay_ms": "1"}):
+        with pytest.raises(ValueError, match="setting"):
+            BatchingConfig(**bad).validate()
+    for bad in ({"level": -1}, {"hold_s": float("nan")}, {"enter_wait_fraction": 0.05}):
+        with pytest.raises(ValueError):
+            TriageConfig(**bad).validate()
 
 
 def test_each_model_has_its_own_batching_settings(tmp_path):

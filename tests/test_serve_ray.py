@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from omegaconf import open_dict
 
 from tests.conftest import compose_config
+from tests.helpers.serving import infer_json
 
 
 def _serve_cfg(tmp_path, digits_runs, overrides=()):
@@ -38,16 +39,17 @@ def test_ray_replica_builds_the_app_and_takes_user_config(digits_runs, tmp_path)
 
     replica = ServingReplica(replica_config(_serve_cfg(tmp_path, digits_runs)))
     app = replica.__serve_build_asgi_app__()
-    body = {"input": torch.zeros(1, 8, 8).tolist()}
+    body = infer_json(torch.zeros(1, 1, 8, 8))
     with TestClient(app) as client:
-        assert not client.post("/v1/models/cascade/predict", json=body).json()["outputs"][0]["degraded"]
+        assert client.post("/v2/models/cascade/infer", json=body).json()["parameters"]["triage_level"] == 0
         replica.reconfigure({"cascade": {"triage": {"mode": "on", "level": 1}}})
-        out = client.post("/v1/models/cascade/predict", json=body).json()["outputs"][0]
-        assert out["degraded"] and client.get("/v1/settings").json()["cascade"]["triage_level"] == 1
+        out = client.post("/v2/models/cascade/infer", json=body).json()
+        assert out["parameters"]["triage_level"] == 1
+        assert client.get("/v2/settings").json()["cascade"]["triage_level"] == 1
         with pytest.raises(ValueError, match="models"):
             replica.reconfigure({"nope": {"triage": {"mode": "on"}}})
         replica.reconfigure(None)  # no user_config: nothing changes
-        assert client.get("/v1/settings").json()["cascade"]["triage_level"] == 1
+        assert client.get("/v2/settings").json()["cascade"]["triage_level"] == 1
 
 
 @pytest.mark.slow
@@ -69,9 +71,10 @@ def test_ray_serve_two_replicas_over_http(digits_runs, tmp_path):
                 pass
             assert proc.poll() is None, proc.stdout.read()
             time.sleep(0.5)
-        answers = [httpx.post(f"{url}/v1/models/cascade/predict", json={"input": torch.zeros(1, 8, 8).tolist()},
-                              timeout=30).json()["outputs"][0] for _ in range(10)]
-        assert all(a["status"] == "ok" and a["degraded"] for a in answers)  # user_config reached every replica
+        answers = [httpx.post(f"{url}/v2/models/cascade/infer", json=infer_json(torch.zeros(1, 1, 8, 8)), timeout=30)
+                   for _ in range(10)]
+        # user_config reached every replica
+        assert all(a.status_code == 200 and a.json()["parameters"]["triage_level"] == 1 for a in answers)
     finally:
         proc.terminate()
         proc.wait(timeout=60)

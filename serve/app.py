@@ -30,13 +30,13 @@ import contextlib
 import hmac
 import time
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.batching import BATCHING_BOUNDS
@@ -95,7 +95,7 @@ Scalar = bool | int | float | str
 class InferInputTensor(BaseModel):
     name: Literal["input", "image"] = Field(description="'input' (FP32/FP16/UINT8 [n, C, H, W]) or 'image' "
                                                         "(BYTES [n], base64 PNG/JPEG files in JSON)")
-    shape: list[int]
+    shape: list[Annotated[int, Field(ge=0, lt=2**31)]]
     datatype: Literal["FP32", "FP16", "UINT8", "BYTES"]
     parameters: dict[str, Scalar] | None = None
     data: list[Any] | None = Field(None, description="flat or nested, row-major; absent with binary_data_size")
@@ -109,7 +109,7 @@ class InferRequestedOutput(BaseModel):
 class InferRequestBody(BaseModel):
     id: str | None = None
     parameters: dict[str, Scalar] | None = Field(None, description="deadline_ms, priority, binary_data_output")
-    inputs: list[InferInputTensor]
+    inputs: list[InferInputTensor] = Field(min_length=1, max_length=1, description="one tensor")
     outputs: list[InferRequestedOutput] | None = None
 
 
@@ -133,8 +133,17 @@ def _settings_model(name: str, bounds: dict[str, tuple[type, float, float]], **e
     """A strict request model from the engine's own bounds (one source of truth for types and ranges)."""
     fields: dict[str, Any] = dict(extra)
     for key, (kind, lo, hi) in bounds.items():
-        fields[key] = (bool | None, None) if kind is bool else (kind | None, Field(None, ge=lo, le=hi))
+        if kind is bool:
+            fields[key] = (bool | None, None)
+        elif kind is int:  # JSON Schema's integer includes 100.0: accept it, never a bool or 100.5
+            fields[key] = (Annotated[int, BeforeValidator(_integral)] | None, Field(None, ge=lo, le=hi))
+        else:
+            fields[key] = (float | None, Field(None, ge=lo, le=hi))
     return create_model(name, __config__=ConfigDict(extra="forbid", strict=True, allow_inf_nan=False), **fields)
+
+
+def _integral(v: Any) -> Any:
+    return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
 BatchingUpdate = _settings_model("BatchingUpdate", BATCHING_BOUNDS)
@@ -145,6 +154,21 @@ class SettingsUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     batching: BatchingUpdate | None = None  # type: ignore[valid-type]
     triage: TriageUpdate | None = None  # type: ignore[valid-type]
+
+
+def _inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON Schema with its ``$defs`` inlined, to sit in an OpenAPI document as it is."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return walk(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: walk(v) for k, v in node.items()}
+        return [walk(v) for v in node] if isinstance(node, list) else node
+
+    return walk(schema)
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -363,6 +387,7 @@ async def _bad_request(request: Request, exc: RequestValidationError) -> JSONRes
 def _protocol_routes(service: InferenceService) -> APIRouter:
     """The Open Inference Protocol's REST routes."""
     router = APIRouter(tags=["Open Inference Protocol v2"], responses=_errors(*COMMON))
+    names = sorted(service.signatures)
 
     @router.get("/v2", response_model=ServerMetadataBody)
     async def metadata() -> dict[str, Any]:
@@ -379,19 +404,19 @@ def _protocol_routes(service: InferenceService) -> APIRouter:
 
     @router.get("/v2/models/{name}", response_model=ModelMetadataBody)
     @router.get("/v2/models/{name}/versions/{version}", response_model=ModelMetadataBody)
-    async def model_metadata(name: str, version: str | None = None) -> dict[str, Any]:
+    async def model_metadata(name: str = Path(examples=names), version: str | None = None) -> dict[str, Any]:
         return service.signature(name, version).metadata()
 
     @router.get("/v2/models/{name}/ready", response_model=ModelReadyBody, responses={503: {"model": ModelReadyBody}})
     @router.get("/v2/models/{name}/versions/{version}/ready", response_model=ModelReadyBody,
                 responses={503: {"model": ModelReadyBody}})
-    async def model_ready(name: str, version: str | None = None) -> Response:
+    async def model_ready(name: str = Path(examples=names), version: str | None = None) -> Response:
         service.signature(name, version)
         ok = service.ready(name)
         return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503)
 
     infer_doc = {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": InferRequestBody.model_json_schema(ref_template="#/components/schemas/{model}")},
+        "application/json": {"schema": _inline_schema(InferRequestBody)},
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
                                      "description": "JSON header (Inference-Header-Content-Length bytes), "
                                                     "then the binary tensors"}}}}
@@ -402,7 +427,7 @@ def _protocol_routes(service: InferenceService) -> APIRouter:
                  responses=infer_responses)
     @router.post("/v2/models/{name}/versions/{version}/infer", response_model=InferResponseBody,
                  openapi_extra=infer_doc, responses=infer_responses)
-    async def infer(name: str, request: Request, version: str | None = None) -> Response:
+    async def infer(request: Request, name: str = Path(examples=names), version: str | None = None) -> Response:
         sig = service.signature(name, version)
         body = await request.body()  # the front door has read and bounded it
         header = request.headers.get("inference-header-content-length")
@@ -423,6 +448,7 @@ def _extension_routes(service: InferenceService, admin_token: str | None) -> API
     """Our extensions: triage levels, run-time settings (admin token), Prometheus metrics, probes."""
     router = APIRouter(tags=["extensions"], responses=_errors(*COMMON))
     engines = service.engines
+    names = sorted(service.signatures)
 
     def admin(request: Request) -> None:
         given = request.headers.get("authorization", "")
@@ -437,7 +463,7 @@ def _extension_routes(service: InferenceService, admin_token: str | None) -> API
             raise ProtocolError("wrong admin token", 403, "PERMISSION_DENIED")
 
     @router.get("/v2/models/{name}/levels")
-    async def levels(name: str) -> dict[str, Any]:
+    async def levels(name: str = Path(examples=names)) -> dict[str, Any]:
         """The model's kind, stages and triage levels, each priced on the validation split at start-up."""
         service.signature(name)
         return engines[name].describe()
@@ -448,7 +474,7 @@ def _extension_routes(service: InferenceService, admin_token: str | None) -> API
         return {name: e.settings() for name, e in engines.items()}
 
     @router.put("/v2/settings/{name}", dependencies=[Depends(admin)], responses=_errors(400, 401, 403, 422))
-    async def update_settings(name: str, body: SettingsUpdate) -> dict[str, Any]:
+    async def update_settings(body: SettingsUpdate, name: str = Path(examples=names)) -> dict[str, Any]:
         """Change a model's knobs while serving (typed and bounded; a bad value changes nothing)."""
         service.signature(name)
         try:

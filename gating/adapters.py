@@ -223,15 +223,27 @@ def price_points(adapter: ModelAdapter, x: torch.Tensor, y: torch.Tensor, batch_
 
 
 def triage_levels(points: Sequence[Point]) -> list[Point]:
-    """Level 0 is the first point (the model as trained or calibrated); each next level is the next
-    cheaper priced point, so every level costs strictly less than the one below it.
+    """Level 0 is the first point (the model as trained or calibrated); the next levels are the cheaper
+    priced points that no other point dominates (another at most as costly and at least as accurate,
+    better in one), costliest first: each level costs strictly less than the one below it and is no
+    more accurate, so raising the level always trades accuracy for cost.
 
     Unpriced points are kept as given (their order is the caller's).
     """
     if not points or any(p.val_gflops_per_img is None for p in points):
         return list(points)
-    levels = [points[0]]
-    for p in sorted(points[1:], key=lambda q: -q.val_gflops_per_img):
+    first = points[0]
+    cheaper = [p for p in points[1:] if p.val_gflops_per_img < first.val_gflops_per_img]
+    if any(p.val_acc is None for p in points):
+        frontier = cheaper
+    else:
+        def dominated(p: Point) -> bool:
+            return any(q is not p and q.val_gflops_per_img <= p.val_gflops_per_img and q.val_acc >= p.val_acc
+                       and (q.val_gflops_per_img < p.val_gflops_per_img or q.val_acc > p.val_acc)
+                       for q in cheaper)
+        frontier = [p for p in cheaper if not dominated(p)]
+    levels = [first]
+    for p in sorted(frontier, key=lambda q: -q.val_gflops_per_img):
         if p.val_gflops_per_img < levels[-1].val_gflops_per_img:
             levels.append(p)
     return levels

@@ -13,9 +13,11 @@ loop stays free to accept requests, answer expired ones and publish metrics.
   ``deadline_exceeded`` (a timer, not after the running batch); its rows are dropped from the queues.
 - Bounded queue: past ``max_queue`` queued rows, :meth:`ServingEngine.submit` raises
   :class:`QueueFull` with a ``retry_after_s`` hint; it never blocks.
-- Triage: ``off``, ``on`` (a fixed level) or ``auto``. Auto raises the level when queue waiting, or
-  the front end's event-loop lag (``front_lag_s``), threatens the latency objective, and lowers it
-  with hysteresis when both have been calm for ``hold_s`` (:class:`serve.triage.TriageController`).
+- Triage: ``off``, ``on`` (a fixed level) or ``auto``. Auto raises the level when the queued work
+  (the oldest wait, or the front end's event-loop lag ``front_lag_s``, and the backlog at the level's
+  measured pace) is predicted to miss the objective, and lowers it with hysteresis once the costlier
+  level is predicted to meet it for ``hold_s`` (:class:`serve.triage.TriageController`); each change
+  is published with its reason.
   The levels are the model's priced operating points, costliest first
   (:meth:`gating.adapters.ModelAdapter.triage_levels`).
 - Exactly one answer per accepted request, and :meth:`ServingEngine.stop` drains in-flight work.
@@ -160,7 +162,8 @@ class ServingEngine:
         self._running_batch = False
         self._limits = [AdaptiveBatchLimit(self.batching) for _ in range(model.num_stages)]
         self._ms_per_row = 1.0  # the recent batch pace, for Retry-After hints
-        self._triage = TriageController(self.triage, len(self.levels), self.batching.slo_ms, time.monotonic())
+        self._triage = TriageController(self.triage, len(self.levels), self.batching.slo_ms, time.monotonic(),
+                                        [p.val_gflops_per_img for p in self.levels])
         # The front end's own delay (seconds), which queue waits cannot see: set by the app to its
         # event-loop lag (serve.frontend.LoopLagMonitor); auto triage treats it as waiting.
         self.front_lag_s: Callable[[], float] = lambda: 0.0
@@ -207,7 +210,7 @@ class ServingEngine:
 
     @property
     def level_changes(self):
-        """``(time, level)`` of each triage change (bounded)."""
+        """``(time, level, reason)`` of each triage change (bounded)."""
         return self._triage.changes
 
     def describe(self) -> dict[str, Any]:
@@ -356,6 +359,7 @@ class ServingEngine:
             self.metrics.queue_wait.labels(name, str(stage)).observe(start - r.enqueued)
         out = await self.worker.call(self._execute, stage, [r.x for r in rows], level)
         self._after_batch(stage, len(rows), time.monotonic() - start)
+        self._triage.record_batch(level, stage, len(rows), time.monotonic() - start)
         now = time.monotonic()
         for i, r in enumerate(rows):
             r.flops += float(out.flops[i])
@@ -425,9 +429,10 @@ class ServingEngine:
             return
         oldest = min((q[0][1].enqueued for q in self._queues if q), default=now)
         before = self._triage.level
-        level = self._triage.observe(now, max(now - oldest, self.front_lag_s()) * 1e3)
+        level = self._triage.observe(now, max(now - oldest, self.front_lag_s()) * 1e3, self._queued)
         if level != before:
             self.metrics.triage_level.labels(self.model.name).set(level)
+            self.metrics.triage_changes.labels(self.model.name, "up" if level > before else "down").inc()
 
     # ----------------------------------------------------------------------------------- settings
     def settings(self) -> dict[str, Any]:

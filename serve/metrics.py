@@ -32,6 +32,7 @@ class EngineMetrics:
     loop_lag: Gauge
     shed: Counter
     cancelled: Counter
+    triage_changes: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> EngineMetrics:
@@ -63,4 +64,6 @@ class EngineMetrics:
                     registry=r),
             Counter("serve_cancelled_total", "Inputs withdrawn before they were computed: their client went away",
                     ["model"], registry=r),
+            Counter("serve_triage_changes_total", "Triage level changes (direction up or down; reasons at "
+                    "GET /v2/settings)", ["model", "direction"], registry=r),
         )

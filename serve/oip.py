@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["DTYPES", "OUTPUTS", "InferRequest", "ProtocolError", "Signature", "Tensor", "array_from_raw",
-           "bytes_elements", "parse_json_request", "output_tensors", "requested_outputs", "rest_response", "server_metadata"]
+           "bytes_elements", "output_tensors", "parse_json_request", "requested_outputs", "rest_response",
+           "server_metadata"]
 
 # The protocol's tensor datatypes we read or write, as little-endian numpy types.
 DTYPES: dict[str, str] = {"BOOL": "?", "UINT8": "u1", "INT32": "<i4", "INT64": "<i8", "FP16": "<f2",

@@ -1,7 +1,9 @@
 """Triage: which level a model answers at, by hand (``on``) or from the load it sees (``auto``).
 
-:class:`TriageController` is pure: it is told the time and how long the most urgent work has waited,
-and says the level. It keeps no clock of its own, so tests drive it without an event loop.
+:class:`TriageController` is pure: it is told each batch's duration, the time, and the load (the oldest
+queued row's wait and the backlog), and says the level. Auto mode acts on predicted deadline misses,
+not on waiting alone: a 30 ms wait with a short backlog threatens nothing, and changing level for it
+only costs accuracy.
 """
 
 from __future__ import annotations
@@ -12,21 +14,26 @@ from dataclasses import dataclass
 
 from serve.batching import check_fields
 
-__all__ = ["TRIAGE_BOUNDS", "TRIAGE_MODES", "TriageConfig", "TriageController"]
+__all__ = ["TRIAGE_BOUNDS", "TRIAGE_MODES", "LevelPace", "TriageConfig", "TriageController"]
 
 TRIAGE_MODES = ("off", "on", "auto")
 
 
 @dataclass
 class TriageConfig:
-    """Triage knobs: ``mode`` off | on | auto; ``level`` used by ``on``; auto thresholds on the oldest
-    queued row's wait as a fraction of the objective, one level up at most every ``step_s``, one level
-    down after ``hold_s`` of calm."""
+    """Triage knobs: ``mode`` off | on | auto; ``level`` used by ``on``.
+
+    Auto predicts, after every batch, when the queued work would finish at the current level: the
+    oldest queued row's wait, or the backlog worked off at the level's measured pace, whichever is
+    later, plus one batch. It raises the level (at most once per ``step_s``) while that prediction is
+    over ``enter_fraction`` of the objective, and lowers it once the next costlier level's prediction
+    has stayed under ``exit_fraction`` of the objective for ``hold_s``.
+    """
 
     mode: str = "off"
     level: int = 1
-    enter_wait_fraction: float = 0.3
-    exit_wait_fraction: float = 0.1
+    enter_fraction: float = 0.8
+    exit_fraction: float = 0.5
     hold_s: float = 1.0
     step_s: float = 0.0               # auto: at least this long between two raises (0: at every batch)
 
@@ -35,32 +42,62 @@ class TriageConfig:
         if self.mode not in TRIAGE_MODES:
             raise ValueError(f"triage mode must be off, on or auto, got {self.mode!r}")
         check_fields(self, TRIAGE_BOUNDS)
-        if self.exit_wait_fraction > self.enter_wait_fraction:
-            raise ValueError("exit_wait_fraction must not exceed enter_wait_fraction (no hysteresis otherwise)")
+        if self.exit_fraction > self.enter_fraction:
+            raise ValueError("exit_fraction must not exceed enter_fraction (no hysteresis otherwise)")
 
 
 TRIAGE_BOUNDS: dict[str, tuple[type, float, float]] = {
-    "level": (int, 0, 64), "enter_wait_fraction": (float, 0.0, 10.0), "exit_wait_fraction": (float, 0.0, 10.0),
+    "level": (int, 0, 64), "enter_fraction": (float, 0.0, 10.0), "exit_fraction": (float, 0.0, 10.0),
     "hold_s": (float, 0.0, 3600.0), "step_s": (float, 0.0, 3600.0),
 }
 
 
+@dataclass
+class LevelPace:
+    """The measured service pace at one level: ms per input (over every stage) and ms per first-stage batch."""
+
+    row_ms: float | None = None
+    batch_ms: float | None = None
+    _seconds: float = 0.0
+    _rows: int = 0
+
+    def record(self, stage: int, rows: int, seconds: float, alpha: float = 0.2, window: int = 16) -> None:
+        self._seconds += seconds
+        if stage == 0:
+            self._rows += rows
+            ms = seconds * 1e3
+            self.batch_ms = ms if self.batch_ms is None else (1 - alpha) * self.batch_ms + alpha * ms
+        if self._rows >= window:  # every stage's time, per input that entered the model
+            per_row = self._seconds * 1e3 / self._rows
+            self.row_ms = per_row if self.row_ms is None else (1 - alpha) * self.row_ms + alpha * per_row
+            self._seconds, self._rows = 0.0, 0
+
+
 class TriageController:
     """The triage level of one model with ``num_levels`` levels (0 = as calibrated, higher = cheaper).
+
+    Pure: it is told each batch (:meth:`record_batch`) and the load (:meth:`observe`) with the time,
+    and says the level, so tests drive it without an event loop.
 
     Args:
         config: the knobs.
         num_levels: how many levels the model publishes.
         slo_ms: the latency objective the auto mode protects.
         now: the time of creation (the first entry of :attr:`changes`).
+        level_costs: each level's priced cost (GFLOPs per input), to estimate the pace of a level not yet
+            measured from one that was; None: unknown levels are taken to run at a measured level's pace.
     """
 
-    def __init__(self, config: TriageConfig, num_levels: int, slo_ms: float, now: float = 0.0) -> None:
+    def __init__(self, config: TriageConfig, num_levels: int, slo_ms: float, now: float = 0.0,
+                 level_costs: list[float | None] | None = None) -> None:
         self.config, self.num_levels, self.slo_ms = config, max(1, num_levels), slo_ms
         self.level = self.fixed_level()
+        self.costs = list(level_costs) if level_costs else [None] * self.num_levels
+        self.pace = [LevelPace() for _ in range(self.num_levels)]
         self._calm_since: float | None = None
-        # (time, level) of each change; bounded, as servers run for days.
-        self.changes: collections.deque[tuple[float, int]] = collections.deque([(now, self.level)], maxlen=1000)
+        # (time, level, reason) of each change; bounded, as servers run for days.
+        self.changes: collections.deque[tuple[float, int, str]] = collections.deque(
+            [(now, self.level, f"start ({config.mode})")], maxlen=1000)
 
     @property
     def top(self) -> int:
@@ -74,33 +111,72 @@ class TriageController:
         """New knobs; leaving auto (or changing the fixed level) takes effect at once."""
         self.config, self.slo_ms = config, slo_ms
         if config.mode != "auto":
-            self._set(self.fixed_level(), now)
+            self._set(self.fixed_level(), now, f"set by hand ({config.mode})")
 
-    def observe(self, now: float, wait_ms: float) -> int:
-        """Auto mode: take the current wait (queue wait or front-end lag, in ms) and return the level."""
+    def record_batch(self, level: int, stage: int, rows: int, seconds: float) -> None:
+        """A batch of ``rows`` at ``stage`` ran at ``level`` in ``seconds``."""
+        if 0 <= level < self.num_levels and rows > 0:
+            self.pace[level].record(stage, rows, seconds)
+
+    def predicted_ms(self, level: int, wait_ms: float, backlog: int) -> float | None:
+        """When the queued work would be done at ``level``: the oldest row's wait or the backlog at the
+        level's pace, whichever is later, plus one batch; None before any pace is measured."""
+        pace = self._pace(level)
+        if pace is None:
+            return None
+        row_ms, batch_ms = pace
+        return max(wait_ms, backlog * row_ms) + batch_ms
+
+    def _pace(self, level: int) -> tuple[float, float] | None:
+        p = self.pace[level]
+        if p.row_ms is not None and p.batch_ms is not None:
+            return p.row_ms, p.batch_ms
+        known = [k for k, q in enumerate(self.pace) if q.row_ms is not None and q.batch_ms is not None]
+        if not known:
+            return None
+        k = min(known, key=lambda j: abs(j - level))
+        scale = 1.0
+        if self.costs[level] and self.costs[k]:
+            scale = self.costs[level] / self.costs[k]
+        return self.pace[k].row_ms * scale, self.pace[k].batch_ms * scale
+
+    def observe(self, now: float, wait_ms: float, backlog: int = 0) -> int:
+        """Auto mode: take the load (the oldest queued row's wait or the front end's lag, in ms, and the
+        queued rows) and return the level."""
         if self.config.mode != "auto":
             return self.level
         c = self.config
-        if wait_ms > c.enter_wait_fraction * self.slo_ms:
+        here = self.predicted_ms(self.level, wait_ms, backlog)
+        if here is None:
+            here = wait_ms  # nothing measured yet: the wait alone
+        if here > c.enter_fraction * self.slo_ms:
             self._calm_since = None
             last_change = self.changes[-1][0] if self.changes else -math.inf
             if self.level < self.top and now - last_change >= c.step_s:
-                self._set(self.level + 1, now)
-        elif wait_ms < c.exit_wait_fraction * self.slo_ms:
+                self._set(self.level + 1, now, f"predicted {here:.0f} ms > {c.enter_fraction:g} x {self.slo_ms:g} ms "
+                                               f"(wait {wait_ms:.0f} ms, {backlog} queued)")
+            return self.level
+        if self.level == 0:
+            return self.level
+        above = self.predicted_ms(self.level - 1, wait_ms, backlog)
+        if above is None:
+            above = wait_ms
+        if above < c.exit_fraction * self.slo_ms:
             if self._calm_since is None:
                 self._calm_since = now
-            elif now - self._calm_since >= c.hold_s and self.level > 0:
-                self._set(self.level - 1, now)
+            elif now - self._calm_since >= c.hold_s:
+                self._set(self.level - 1, now, f"level {self.level - 1} predicted {above:.0f} ms < "
+                                               f"{c.exit_fraction:g} x {self.slo_ms:g} ms for {c.hold_s:g} s")
                 self._calm_since = now
         else:
             self._calm_since = None
         return self.level
 
-    def _set(self, level: int, now: float) -> None:
+    def _set(self, level: int, now: float, reason: str) -> None:
         if level != self.level:
-            self.changes.append((now, level))
+            self.changes.append((now, level, reason))
         self.level = level
 
-    def history(self, now: float, last: int = 100) -> list[dict[str, float | int]]:
-        """The last changes, as seconds ago and level."""
-        return [{"s_ago": round(now - t, 3), "level": lv} for t, lv in list(self.changes)[-last:]]
+    def history(self, now: float, last: int = 100) -> list[dict[str, float | int | str]]:
+        """The last changes, as seconds ago, level and why."""
+        return [{"s_ago": round(now - t, 3), "level": lv, "reason": why} for t, lv, why in list(self.changes)[-last:]]

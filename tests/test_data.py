@@ -7,8 +7,15 @@ import shutil
 import pytest
 import torch
 
-from experiments.data import (CIFAR10DataModule, CIFAR100DataModule, DigitsDataModule, ImageNetDataModule,
-                              MNISTDataModule, SVHNDataModule, SyntheticDataModule)
+from experiments.data import (
+    CIFAR10DataModule,
+    CIFAR100DataModule,
+    DigitsDataModule,
+    ImageNetDataModule,
+    MNISTDataModule,
+    SVHNDataModule,
+    SyntheticDataModule,
+)
 from gating import UserError
 from tests.conftest import MNIST_T10K, needs_mnist
 from tests.helpers.fake_data import write_cifar, write_image_folder, write_mnist_full, write_svhn

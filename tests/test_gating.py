@@ -201,3 +201,20 @@ def test_run_rows_inplace_updates_only_the_selected_rows():
     # Without inplace the input is left alone.
     x2 = keep.clone()
     assert torch.equal(run_rows(lambda t: t * 10, identity, x2, on), expected) and torch.equal(x2, keep)
+
+
+def test_triage_levels_drop_dominated_points_and_order_by_cost_and_accuracy():
+    from gating.adapters import Point, triage_levels
+
+    pts = [Point("default", val_acc=0.99, val_gflops_per_img=10.0),
+           Point("a", val_acc=0.683, val_gflops_per_img=4.0),     # dominated by b: costlier and less accurate
+           Point("b", val_acc=0.826, val_gflops_per_img=3.0),
+           Point("c", val_acc=0.90, val_gflops_per_img=6.0),
+           Point("d", val_acc=0.50, val_gflops_per_img=1.0),
+           Point("e", val_acc=0.95, val_gflops_per_img=12.0)]     # costlier than level 0: never a triage level
+    levels = triage_levels(pts)
+    assert [p.label for p in levels] == ["default", "c", "b", "d"]
+    assert all(a.val_gflops_per_img > b.val_gflops_per_img and a.val_acc >= b.val_acc
+               for a, b in zip(levels[1:], levels[2:]))
+    unpriced = [Point("x"), Point("y")]
+    assert triage_levels(unpriced) == unpriced

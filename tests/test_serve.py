@@ -130,7 +130,7 @@ def test_triage_on_auto_and_back():
 
     async def go():
         engine = ServingEngine(fake, BatchingConfig(max_batch_size=4, max_delay_ms=1, slo_ms=40),
-                               TriageConfig(mode="off", hold_s=0.1, enter_wait_fraction=0.3, exit_wait_fraction=0.2))
+                               TriageConfig(mode="off", hold_s=0.1, enter_fraction=0.8, exit_fraction=0.5))
         await engine.start()
         x = torch.tensor([[-1.0, 0.0, 0.0]])  # deferred at level 0, answered at stage 0 at level 1
         normal = (await engine.submit(x))[0]
@@ -138,7 +138,7 @@ def test_triage_on_auto_and_back():
         triaged = (await engine.submit(x))[0]
         engine.update(triage={"mode": "auto"})
         flood = await asyncio.gather(*(engine.submit(x, deadline_ms=5000) for _ in range(200)))
-        peak = max(level for _, level in engine.level_changes)
+        peak = max(level for _, level, _ in engine.level_changes)
         await asyncio.sleep(0.3)
         for _ in range(5):  # calm traffic lets auto step back down after hold_s
             await engine.submit(x)
@@ -281,7 +281,7 @@ def test_auto_triage_rises_on_front_end_lag_with_an_empty_queue():
         await engine.start()
         await engine.submit(torch.ones(1, 3))
         calm_level = engine.triage_level
-        engine.front_lag_s = lambda: 0.05  # the front end runs 50 ms late: over 0.3 x 100 ms
+        engine.front_lag_s = lambda: 0.09  # the front end runs 90 ms late: past 0.8 x 100 ms with a batch
         await engine.submit(torch.ones(1, 3))
         raised = engine.triage_level
         engine.front_lag_s = lambda: 0.0
@@ -339,23 +339,32 @@ def test_clients_that_disconnect_have_their_queued_inputs_withdrawn():
 def test_triage_controller_without_an_event_loop():
     from serve.triage import TriageController
 
-    c = TriageController(TriageConfig(mode="auto", hold_s=1.0, step_s=0.5), num_levels=3, slo_ms=100, now=0.0)
-    assert c.level == 0
-    assert c.observe(now=1.0, wait_ms=50) == 1      # over 0.3 x 100 ms: up one level
-    assert c.observe(now=1.2, wait_ms=50) == 1      # at most one raise per step_s
-    assert c.observe(now=1.6, wait_ms=50) == 2
-    assert c.observe(now=2.0, wait_ms=90) == 2      # the top level holds
-    assert c.observe(now=2.1, wait_ms=20) == 2      # between the two fractions: not calm
-    assert c.observe(now=2.2, wait_ms=5) == 2       # calm starts
-    assert c.observe(now=3.1, wait_ms=5) == 2       # not yet hold_s
-    assert c.observe(now=3.3, wait_ms=5) == 1       # hold_s of calm: down one
-    assert c.observe(now=4.4, wait_ms=5) == 0
-    assert [lv for _, lv in c.changes] == [0, 1, 2, 1, 0]
-    assert c.history(now=5.0)[-1] == {"s_ago": 0.6, "level": 0}
-    c.configure(TriageConfig(mode="on", level=7), slo_ms=100, now=5.0)  # clamped to the top level
-    assert c.level == 2 and c.observe(now=6.0, wait_ms=500) == 2
-    c.configure(TriageConfig(mode="off"), slo_ms=100, now=7.0)
-    assert c.level == 0
+    c = TriageController(TriageConfig(mode="auto", hold_s=1.0, step_s=0.5), num_levels=3, slo_ms=100, now=0.0,
+                         level_costs=[4.0, 2.0, 1.0])
+    assert c.level == 0 and c.predicted_ms(0, 10, 5) is None     # nothing measured: the wait alone counts
+    for _ in range(4):
+        c.record_batch(level=0, stage=0, rows=8, seconds=0.008)  # 1 ms per row, 8 ms a batch
+    assert c.predicted_ms(0, wait_ms=30, backlog=10) == pytest.approx(30 + 8)
+    assert c.predicted_ms(0, wait_ms=5, backlog=60) == pytest.approx(60 + 8)
+    assert c.predicted_ms(1, wait_ms=5, backlog=60) == pytest.approx((60 + 8) / 2)   # by priced cost
+    assert c.observe(now=1.0, wait_ms=30, backlog=10) == 0      # a 30 ms wait threatens nothing
+    assert c.observe(now=1.1, wait_ms=5, backlog=80) == 1       # 88 ms > 0.8 x 100 ms: up one level
+    assert "predicted 88 ms" in c.history(now=1.1)[-1]["reason"]
+    assert c.observe(now=1.2, wait_ms=5, backlog=200) == 1      # at most one raise per step_s
+    assert c.observe(now=1.7, wait_ms=5, backlog=200) == 2
+    assert c.observe(now=2.0, wait_ms=500, backlog=900) == 2    # the top level holds
+    assert c.observe(now=2.1, wait_ms=5, backlog=50) == 2       # level 1 would take 29 ms: calm starts
+    assert c.observe(now=2.5, wait_ms=5, backlog=70) == 2       # level 1: 39 ms, still under 50
+    assert c.observe(now=3.2, wait_ms=5, backlog=50) == 1       # hold_s of calm: down one
+    assert c.observe(now=3.3, wait_ms=5, backlog=50) == 1       # level 0 would take 58 ms > 50: not calm
+    assert c.observe(now=4.4, wait_ms=0, backlog=2) == 1
+    assert c.observe(now=5.5, wait_ms=0, backlog=2) == 0
+    assert [lv for _, lv, _ in c.changes] == [0, 1, 2, 1, 0]
+    assert c.history(now=6.0)[-1]["s_ago"] == 0.5 and "for 1 s" in c.history(now=6.0)[-1]["reason"]
+    c.configure(TriageConfig(mode="on", level=7), slo_ms=100, now=7.0)  # clamped to the top level
+    assert c.level == 2 and c.observe(now=8.0, wait_ms=500) == 2
+    c.configure(TriageConfig(mode="off"), slo_ms=100, now=9.0)
+    assert c.level == 0 and c.history(now=9.0)[-1]["reason"] == "set by hand (off)"
 
 
 def test_adaptive_batch_limit_without_an_event_loop():
@@ -377,7 +386,7 @@ def test_adaptive_batch_limit_without_an_event_loop():
                 {"max_batch_size": 2.0}, {"max_queue": 0}, {"adaptive": 1}, {"max_delay_ms": "1"}):
         with pytest.raises(ValueError, match="setting"):
             BatchingConfig(**bad).validate()
-    for bad in ({"level": -1}, {"hold_s": float("nan")}, {"enter_wait_fraction": 0.05}):
+    for bad in ({"level": -1}, {"hold_s": float("nan")}, {"exit_fraction": 0.9}):
         with pytest.raises(ValueError):
             TriageConfig(**bad).validate()
 

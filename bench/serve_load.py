@@ -39,7 +39,20 @@ from experiments.runs import load_run
 from experiments.serve import ENGINE_KEYS, model_entries
 from experiments.utils import run_hydra, user_facing
 from gating.errors import UserError
-from serve.loadgen import burst_arrivals, encode_infer, poisson_arrivals, run_load
+from serve.loadgen import burst_arrivals, encode_grpc, encode_infer, poisson_arrivals, run_load
+
+
+def _free_port_pair() -> int:
+    """A free port whose successor is free too (HTTP and gRPC)."""
+    for _ in range(100):
+        port = _free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+    raise UserError("no two consecutive free ports on 127.0.0.1")
 
 
 def _free_port() -> int:
@@ -51,8 +64,9 @@ def _free_port() -> int:
 ADMIN_TOKEN = secrets.token_urlsafe(24)  # this run's server takes settings changes from this bench only
 
 
-def start_server(cfg: DictConfig, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "experiments.serve", f"port={port}", "grpc_port=null", "extras.print_config=false",
+def start_server(cfg: DictConfig, port: int, grpc_port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "experiments.serve", f"port={port}", f"grpc_port={grpc_port}",
+           "extras.print_config=false",
            f"batching.slo_ms={cfg.slo_ms}", f"batching.max_batch_size={cfg.max_batch_size}",
            f"batching.max_delay_ms={cfg.max_delay_ms}", f"paths.log_dir={cfg.paths.log_dir}",
            f"hydra.run.dir={cfg.paths.output_dir}/server", *cfg.serve_overrides]
@@ -80,9 +94,10 @@ def put(url: str, model: str, body: dict[str, Any]) -> None:
 
 
 def load(url: str, model: str, xs: list, ys: list, arrivals: list[float], cfg: DictConfig) -> dict[str, Any]:
+    # the gRPC port is the HTTP port + 1 (see bench())
     """One open-loop run at the configured objective, inputs per request and encoding."""
     return asyncio.run(run_load(url, model, xs, ys, arrivals, cfg.slo_ms, inputs_per_request=cfg.inputs_per_request,
-                                encoding=cfg.encoding)).to_dict()
+                                encoding=cfg.encoding, grpc_port=int(url.rsplit(":", 1)[1]) + 1)).to_dict()
 
 
 def find_peak(url: str, model: str, xs: list, ys: list, cfg: DictConfig) -> tuple[float, list[dict[str, Any]]]:
@@ -115,16 +130,22 @@ def find_peak(url: str, model: str, xs: list, ys: list, cfg: DictConfig) -> tupl
     return lo, probes
 
 
-def overhead(url: str, model: str, entry: dict[str, Any], xs: torch.Tensor, n: int) -> dict[str, float]:
-    """What the serving path adds to the model's own time, one input per request, one request at a time (p50).
+def overhead(url: str, grpc_port: int, model: str, entry: dict[str, Any], xs: torch.Tensor, n: int,
+             encodings: list[str]) -> dict[str, Any]:
+    """What the serving path adds to the model's own time, one input per request, one request at a time
+    (p50), for each encoding of the protocol, interleaved request by request.
 
     Each answer carries ``compute_ms``, the time the model itself ran on its batches inside the server,
     so each request's overhead is measured against its own model time: in the engine (arrival in
-    the engine to answer), in the server (``Server-Timing``: request head parsed to answer head, JSON
-    and base64 decoding included) and at the client (its loopback round trip, its own HTTP cost
+    the engine to answer), in the server (HTTP only, ``Server-Timing``: request head parsed to answer
+    head, decoding included) and at the client (its loopback round trip, its own HTTP/gRPC stack
     included). ``direct_p50_ms`` is the model called in this process, for reference: it runs in a
     different process from the server's, so it differs from ``compute_ms`` by more than noise.
     """
+    import grpc
+
+    from serve.proto import grpc_predict_v2_pb2 as pb
+
     adapter = load_run(name=model, **{k: v for k, v in entry.items() if k not in ENGINE_KEYS})
     direct = []
     with torch.inference_mode():
@@ -133,28 +154,44 @@ def overhead(url: str, model: str, entry: dict[str, Any], xs: torch.Tensor, n: i
             t0 = time.perf_counter()
             adapter.run(x)
             direct.append((time.perf_counter() - t0) * 1e3)
-    rows = []
-    with httpx.Client(base_url=url, timeout=10) as client:
+    rows: dict[str, list[dict[str, float]]] = {e: [] for e in encodings}
+    with httpx.Client(base_url=url, timeout=10) as client, grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+        infer = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=lambda b: b,
+                               response_deserializer=pb.ModelInferResponse.FromString)
         for i in range(n):
-            body, headers = encode_infer(xs[i % len(xs)][None].numpy(), "binary", ["label"])
-            t0 = time.perf_counter()
-            r = client.post(f"/v2/models/{model}/infer", content=body, headers=headers)
-            rtt = (time.perf_counter() - t0) * 1e3
-            r.raise_for_status()
-            a = json.loads(r.content[:int(r.headers["inference-header-content-length"])])["parameters"]
-            rows.append({"model": a["compute_ms"], "engine": a["engine_ms"],
-                         "server": float(r.headers["server-timing"].split("dur=")[1]), "client": rtt})
-    rows = rows[n // 10:]  # warm-up
+            x = xs[i % len(xs)][None].numpy()
+            for enc in encodings:
+                if enc == "grpc":
+                    body = encode_grpc(model, x, ["label"], {})
+                    t0 = time.perf_counter()
+                    res = infer(body, timeout=10)
+                    rtt = (time.perf_counter() - t0) * 1e3
+                    params = {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in res.parameters.items()}
+                    server = float("nan")
+                else:
+                    body, headers = encode_infer(x, enc, ["label"])
+                    t0 = time.perf_counter()
+                    r = client.post(f"/v2/models/{model}/infer", content=body, headers=headers)
+                    rtt = (time.perf_counter() - t0) * 1e3
+                    r.raise_for_status()
+                    size = r.headers.get("inference-header-content-length")
+                    params = json.loads(r.content[:int(size)] if size else r.content)["parameters"]
+                    server = float(r.headers["server-timing"].split("dur=")[1])
+                rows[enc].append({"model": params["compute_ms"], "engine": params["engine_ms"], "server": server,
+                                  "client": rtt})
+    out: dict[str, Any] = {"direct_p50_ms": statistics.median(direct[n // 10:])}
+    for enc, samples in rows.items():
+        samples = samples[n // 10:]  # warm-up
 
-    def p50(f) -> float:
-        return statistics.median(f(q) for q in rows)
+        def p50(f, samples=samples) -> float:
+            return statistics.median(f(q) for q in samples)
 
-    return {"direct_p50_ms": statistics.median(direct[n // 10:]), "model_p50_ms": p50(lambda q: q["model"]),
-            "engine_p50_ms": p50(lambda q: q["engine"]), "server_p50_ms": p50(lambda q: q["server"]),
-            "client_p50_ms": p50(lambda q: q["client"]),
-            "engine_added_p50_ms": p50(lambda q: q["engine"] - q["model"]),
-            "server_added_p50_ms": p50(lambda q: q["server"] - q["model"]),
-            "client_added_p50_ms": p50(lambda q: q["client"] - q["model"])}
+        out[enc] = {"model_p50_ms": p50(lambda q: q["model"]), "engine_p50_ms": p50(lambda q: q["engine"]),
+                    "client_p50_ms": p50(lambda q: q["client"]),
+                    "engine_added_p50_ms": p50(lambda q: q["engine"] - q["model"]),
+                    "server_added_p50_ms": p50(lambda q: q["server"] - q["model"]) if enc != "grpc" else None,
+                    "client_added_p50_ms": p50(lambda q: q["client"] - q["model"])}
+    return out
 
 
 @user_facing
@@ -164,15 +201,16 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     x, y = batches_to_tensor(dm.test_dataloader())
     x, y = x[: cfg.n_inputs], y[: cfg.n_inputs]
     xs, ys = x.tolist(), y.tolist()
-    port = _free_port()
+    port = _free_port_pair()
     url = f"http://127.0.0.1:{port}"
-    proc = start_server(cfg, port)
-    result: dict[str, Any] = {"machine": machine_info("cpu"), "slo_ms": cfg.slo_ms,
+    proc = start_server(cfg, port, port + 1)
+    result: dict[str, Any] = {"machine": machine_info("cpu"), "encoding": cfg.encoding, "slo_ms": cfg.slo_ms,
                               "max_batch_size": cfg.max_batch_size, "max_delay_ms": cfg.max_delay_ms}
     try:
         result["models"] = [httpx.get(f"{url}/v2/models/{m}/levels").json() for m in cfg.models]
         served = model_entries(OmegaConf.load(Path(cfg.paths.output_dir) / "server" / ".hydra" / "config.yaml"))
-        result["overhead"] = {m: overhead(url, m, served[m], x, cfg.overhead_requests) for m in cfg.models}
+        result["overhead"] = {m: overhead(url, port + 1, m, served[m], x, cfg.overhead_requests,
+                                          list(cfg.overhead_encodings)) for m in cfg.models}
         peaks = {}
         for m in cfg.models:
             peak, probes = find_peak(url, m, xs, ys, cfg)
@@ -183,9 +221,16 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         main = cfg.models[0]
         rate = cfg.poisson_fraction * peaks[main]["peak_rps"]
         # Repeated: on a shared 2-core VM one 20 s run can land on a stall; every run is reported.
-        result["poisson"] = {"model": main, "rate": rate, "runs": [
-            load(url, main, xs, ys, poisson_arrivals(rate, cfg.poisson_s, seed=99 + i), cfg)
-            for i in range(cfg.repeats)]}
+        # Each repeat runs the same arrivals with triage off, then auto (interleaved, so drift hits both).
+        runs = []
+        for i in range(cfg.repeats):
+            for mode in cfg.poisson_triage:
+                put(url, main, {"triage": {"mode": mode}})
+                time.sleep(1.0)
+                runs.append({"triage": mode, **load(url, main, xs, ys,
+                                                    poisson_arrivals(rate, cfg.poisson_s, seed=99 + i), cfg)})
+        put(url, main, {"triage": {"mode": "off"}})
+        result["poisson"] = {"model": main, "rate": rate, "runs": runs}
         result["burst"] = burst_runs(url, main, xs, ys, cfg.burst_base_fraction * peaks[main]["peak_rps"], cfg)
         result["metrics_text_bytes"] = len(httpx.get(f"{url}/metrics").text)
         ref_rps = max(peaks[cfg.models[-1]]["peak_rps"], 1e-9)
@@ -226,17 +271,19 @@ def report(r: dict[str, Any], cfg: DictConfig) -> None:
         best = max((q for q in p["probes"] if q["rate"] == p["peak_rps"]), key=lambda q: q["slo_attainment"],
                    default={})
         rows.append({"model": m, "peak_rps": p["peak_rps"], "peak_inputs_per_s": p["peak_rps"] * cfg.inputs_per_request,
-                     "p50_ms": best.get("p50_ms"), "p99_ms": best.get("p99_ms"), "accuracy": best.get("accuracy"),
-                     **r["overhead"].get(m, {})})
-    print("\npeak throughput at the objective, and the serving layer's overhead at low load:")
+                     "p50_ms": best.get("p50_ms"), "p99_ms": best.get("p99_ms"), "accuracy": best.get("accuracy")})
+    print(f"\npeak throughput at the objective ({r['encoding']}):")
     print(markdown_table(rows))
+    print("\nthe serving layer's overhead at low load (p50 ms over the model's own time, one input per request):")
+    print(markdown_table([{"model": m, "encoding": enc, **{k: v for k, v in o.items()}}
+                          for m, per in r["overhead"].items() for enc, o in per.items() if isinstance(o, dict)]))
     print(f"throughput relative to {cfg.models[-1]}: "
           + ", ".join(f"{m} {v:.2f}x" for m, v in r["throughput_ratio"].items()))
     keys = ["offered_rps", "throughput_rps", "goodput_rps", "p50_ms", "p95_ms", "p99_ms", "slo_attainment",
             "rejected", "expired", "degraded", "accuracy"]
     p = r["poisson"]
     print(f"\nPoisson at {cfg.poisson_fraction:.0%} of peak ({p['rate']:.0f} req/s, {p['model']}), each run:")
-    print(markdown_table([{k: q[k] for k in keys} for q in p["runs"]]))
+    print(markdown_table([{"triage": q.get("triage", "off"), **{k: q[k] for k in keys}} for q in p["runs"]]))
     b = r["burst"]
     print(f"\n{b['factor']}x burst for {b['burst_s']} s on {b['base_rate']:.0f} req/s ({b['model']}), each run:")
     print(markdown_table([{"triage": q["triage"], **{k: q[k] for k in keys}} for q in b["runs"]]))

@@ -433,7 +433,7 @@ def _protocol_routes(service: InferenceService) -> APIRouter:
         header = request.headers.get("inference-header-content-length")
         if header is not None and not header.isdigit():
             raise ProtocolError(f"Inference-Header-Content-Length must be a byte count, got {header!r}")
-        req = await service.decode(parse_json_request, body, int(header) if header else None, sig)
+        req = await service.decode(len(body), parse_json_request, body, int(header) if header else None, sig)
         result = await service.infer(name, req, version)
         content, json_size = rest_response(name, req, result.outputs, result.parameters)
         if json_size is None:

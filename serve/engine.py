@@ -26,6 +26,7 @@ loop stays free to accept requests, answer expired ones and publish metrics.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import logging
@@ -162,6 +163,7 @@ class ServingEngine:
         self._running_batch = False
         self._limits = [AdaptiveBatchLimit(self.batching) for _ in range(model.num_stages)]
         self._ms_per_row = 1.0  # the recent batch pace, for Retry-After hints
+        self._stream = None  # the engine's CUDA stream, made on the device thread at the first batch
         self._triage = TriageController(self.triage, len(self.levels), self.batching.slo_ms, time.monotonic(),
                                         [p.val_gflops_per_img for p in self.levels])
         # The front end's own delay (seconds), which queue waits cannot see: set by the app to its
@@ -381,22 +383,42 @@ class ServingEngine:
     def _execute(self, stage: int, rows: list[torch.Tensor], level: int) -> _BatchOut:
         """On the device thread: batch the rows, run the stage, and reduce the answers; also returns the
         seconds the model took on the stacked batch (what calling it directly would cost; stacking and
-        moving the rows count as the engine's own overhead)."""
-        with torch.inference_mode():
-            x = torch.stack(rows).to(self.device, non_blocking=True)
+        moving the rows count as the engine's own overhead).
+
+        On a GPU the batch is assembled in page-locked host memory and copied without blocking, the
+        work runs on the engine's own stream, and the per-row answers come back in one copy (the rows
+        a cascade defers stay on the device for their next stage).
+        """
+        with torch.inference_mode(), self._on_stream():
+            x = torch.stack(rows)
+            if self.device.type == "cuda" and x.device.type == "cpu":
+                x = x.pin_memory()
+            x = x.to(self.device, non_blocking=True)
             t0 = time.perf_counter()
             res = self.model.stage(stage, x, self.levels[level])
-            if not bool(torch.isfinite(res.logits).all()):
-                raise ModelFailed(f"model {self.model.name!r} gave NaN or infinite logits on a batch of {len(rows)} "
-                                  f"rows at stage {stage}")
             conf, label = res.logits.float().softmax(-1).max(-1)
-            out = _BatchOut(
-                res.done.cpu().tolist(), res.flops.cpu().tolist(), conf.cpu().tolist(),
-                label.cpu().tolist(),  # synchronises a GPU, so the time below is complete
-                res.executed.sum(1).cpu().tolist() if res.executed is not None else None,
-                res.next_x.cpu() if res.next_x is not None else None)
-        out.compute_s = time.perf_counter() - t0
+            columns = [res.done.double(), conf.double(), label.double(),
+                       torch.isfinite(res.logits).all().double().expand(len(rows))]
+            if res.executed is not None:
+                columns.append(res.executed.sum(1).double())
+            host = torch.stack([c.to(x.device) for c in columns]).cpu()  # one copy; synchronises the stream
+        out_s = time.perf_counter() - t0
+        if not bool(host[3, 0]):
+            raise ModelFailed(f"model {self.model.name!r} gave NaN or infinite logits on a batch of {len(rows)} "
+                              f"rows at stage {stage}")
+        done, confidence, labels = host[0].bool().tolist(), host[1].tolist(), host[2].long().tolist()
+        blocks = host[4].tolist() if res.executed is not None else None
+        out = _BatchOut(done, res.flops.cpu().tolist(), confidence, labels, blocks, res.next_x)
+        out.compute_s = out_s
         return out
+
+    def _on_stream(self):
+        """The engine's own CUDA stream as a context (a no-op on the CPU)."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return torch.cuda.stream(self._stream)
 
     def _answer(self, row: _Row, answer: Answer, stage: int) -> None:
         if row.timer:

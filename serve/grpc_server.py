@@ -114,7 +114,8 @@ class GRPCInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):  # noqa: N802
         try:
             sig = self.service.signature(request.model_name, request.model_version)
-            req = await self.service.decode(parse_grpc_request, request, sig)
+            size = request.ByteSize()
+            req = await self.service.decode(size, parse_grpc_request, request, sig)
             remaining = context.time_remaining()
             if "deadline_ms" not in req.parameters and "timeout" not in req.parameters and remaining is not None:
                 req.parameters["deadline_ms"] = max(remaining * 1e3, 1e-3)

@@ -22,8 +22,10 @@ from urllib.parse import urlparse
 import aiohttp
 import numpy as np
 
-__all__ = ["ENCODINGS", "EncodedRequest", "LoadReport", "burst_arrivals", "encode_bodies", "encode_infer",
-           "poisson_arrivals", "read_outputs", "run_load", "summarize"]
+from serve.oip import DTYPES
+
+__all__ = ["ENCODINGS", "EncodedRequest", "LoadReport", "burst_arrivals", "encode_bodies", "encode_grpc",
+           "encode_infer", "poisson_arrivals", "read_outputs", "run_load", "summarize"]
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 SHED = (429, 503)  # refused by the server under load (full queue, or shedding): counted as rejected
@@ -80,14 +82,16 @@ class LoadReport:
 async def run_load(url: str, model: str, inputs: Sequence[list], labels: Sequence[int] | None,
                    arrivals: Sequence[float], slo_ms: float, deadline_ms: float | None = None,
                    timeout_s: float = 30.0, max_connections: int = 512, inputs_per_request: int = 1,
-                   encoding: str = "json") -> LoadReport:
+                   encoding: str = "json", grpc_port: int | None = None) -> LoadReport:
     """Send one protocol ``infer`` request per arrival time (cycling through ``inputs``) and measure the answers.
 
     Each request carries ``inputs_per_request`` inputs (Clipper's ``input_batch``), which spreads the
     HTTP cost over several inputs; counts and rates are per input. An input counts towards SLO
     attainment when it is answered within ``slo_ms`` (client-side time of its request); rejected (429
-    or 503), expired (504) and failed inputs count as misses. ``encoding="binary"`` sends the tensor and
-    asks for the outputs with the protocol's binary tensor extension instead of JSON numbers.
+    or 503; gRPC RESOURCE_EXHAUSTED or UNAVAILABLE), expired (504; DEADLINE_EXCEEDED) and failed
+    inputs count as misses. ``encoding="binary"`` sends the tensor and asks for the outputs with the
+    protocol's binary tensor extension instead of JSON numbers; ``"grpc"`` calls ``ModelInfer`` on the
+    server's ``grpc_port`` with raw tensor contents.
     Accuracy is the answered labels against ``labels``, on the client.
     """
     if encoding not in ENCODINGS:
@@ -95,23 +99,26 @@ async def run_load(url: str, model: str, inputs: Sequence[list], labels: Sequenc
     host = urlparse(url).hostname
     if host not in LOOPBACK:
         raise ValueError(f"the load generator only targets loopback, not {host!r}")
+    if encoding == "grpc" and grpc_port is None:
+        raise ValueError("encoding='grpc' needs the server's grpc_port")
     # Encode the bodies before the clock starts: the generator must not be the bottleneck it measures.
-    requests = encode_bodies(inputs, labels, len(arrivals), inputs_per_request, encoding, deadline_ms)
-    path = f"{url.rstrip('/')}/v2/models/{model}/infer"
+    requests = encode_bodies(inputs, labels, len(arrivals), inputs_per_request, encoding, deadline_ms, model)
+    path = f"{url.rstrip('/')}/v2/models/{model}/infer" if encoding != "grpc" else f"{host}:{grpc_port}"
     # No cyclic GC while measuring: a full collection over this process (torch included) paused the
     # client for 100-220 ms on 2 cores, delaying sends and answers alike. The run's garbage is freed after.
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
     try:
-        results, duration = await _send_all(path, requests, arrivals, inputs_per_request, timeout_s, max_connections)
+        send = _send_all_grpc if encoding == "grpc" else _send_all
+        results, duration = await send(path, requests, arrivals, inputs_per_request, timeout_s, max_connections)
     finally:
         if gc_was_enabled:
             gc.enable()
     return summarize(results, arrivals, duration, slo_ms)
 
 
-ENCODINGS = ("json", "binary")
+ENCODINGS = ("json", "binary", "grpc")
 
 
 @dataclass
@@ -144,7 +151,7 @@ def encode_infer(x: np.ndarray, encoding: str = "binary", outputs: Sequence[str]
 
 
 def encode_bodies(inputs: Sequence[list], labels: Sequence[int] | None, n_requests: int, inputs_per_request: int,
-                  encoding: str, deadline_ms: float | None) -> list[EncodedRequest]:
+                  encoding: str, deadline_ms: float | None, model_name: str = "") -> list[EncodedRequest]:
     """Every request's protocol body; request ``i`` carries the inputs from ``(i * k) % n`` on."""
     k = inputs_per_request
     cache: dict[int, EncodedRequest] = {}  # few distinct bodies
@@ -154,18 +161,75 @@ def encode_bodies(inputs: Sequence[list], labels: Sequence[int] | None, n_reques
         start = (i * k) % len(inputs)
         if start not in cache:
             idx = [(start + j) % len(inputs) for j in range(k)]
-            body, headers = encode_infer(np.asarray([inputs[j] for j in idx], dtype="<f4"), encoding,
-                                         ["label", "triage_level"], params)
+            x = np.asarray([inputs[j] for j in idx], dtype="<f4")
+            if encoding == "grpc":
+                body, headers = encode_grpc(model_name, x, ["label", "triage_level"], params), {}
+            else:
+                body, headers = encode_infer(x, encoding, ["label", "triage_level"], params)
             cache[start] = EncodedRequest(body, headers, [int(labels[j]) for j in idx] if labels is not None else None)
         return cache[start]
 
     return [body_of(i) for i in range(n_requests)]
 
 
+def encode_grpc(model: str, x: np.ndarray, outputs: Sequence[str], parameters: dict[str, Any]) -> bytes:
+    """A serialised gRPC ``ModelInferRequest`` for the float32 batch ``x``, its tensor as raw contents."""
+    from serve.proto import grpc_predict_v2_pb2 as pb
+
+    x = np.ascontiguousarray(x, dtype="<f4")
+    req = pb.ModelInferRequest(model_name=model, outputs=[{"name": n} for n in outputs])
+    req.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    req.raw_input_contents.append(x.tobytes())
+    for k, v in parameters.items():
+        req.parameters[k].double_param = float(v)
+    return req.SerializeToString()
+
+
+# gRPC status -> the HTTP status the report counts it as
+_GRPC_AS_HTTP = {"RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": EXPIRED}
+
+
+async def _send_all_grpc(target: str, requests: list[EncodedRequest], arrivals: Sequence[float], k: int,
+                         timeout_s: float, max_connections: int) -> tuple[list[dict[str, Any]], float]:
+    """As :func:`_send_all`, over one gRPC channel (HTTP/2 multiplexes the calls)."""
+    import grpc
+
+    from serve.proto import grpc_predict_v2_pb2 as pb
+
+    results: list[dict[str, Any]] = []
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=lambda b: b,
+                                   response_deserializer=pb.ModelInferResponse.FromString)
+        start = time.perf_counter()
+
+        async def one(i: int) -> None:
+            t0 = start + arrivals[i]
+            req = requests[i]
+            try:
+                res = await call(req.body, timeout=timeout_s)
+                ms = (time.perf_counter() - t0) * 1e3
+                out = {o.name: np.frombuffer(raw, dtype=DTYPES[o.datatype])
+                       for o, raw in zip(res.outputs, res.raw_output_contents)}
+                for j, (label, level) in enumerate(zip(out["label"], out["triage_level"])):
+                    correct = bool(label == req.labels[j]) if req.labels is not None else None
+                    results.append({"code": 200, "ms": ms, "status": "ok", "degraded": bool(level > 0),
+                                    "correct": correct})
+            except grpc.aio.AioRpcError as e:
+                code = _GRPC_AS_HTTP.get(e.code().name, -1)
+                results.extend({"code": code, "ms": (time.perf_counter() - t0) * 1e3} for _ in range(k))
+
+        tasks = []
+        for i, t in enumerate(arrivals):
+            delay = start + t - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*tasks)
+        return results, time.perf_counter() - start
+
+
 def read_outputs(payload: bytes, header_length: str | None) -> dict[str, np.ndarray]:
     """The outputs of a protocol ``infer`` response (JSON, or JSON + binary tensors) as arrays by name."""
-    from serve.oip import DTYPES
-
     head = payload[:int(header_length)] if header_length else payload
     offset = len(head)
     out = {}

@@ -5,9 +5,13 @@ probes while saturated)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import csv
 import importlib.util
 import json
+import os
+import shutil
 import signal
 import socket
 import struct
@@ -360,3 +364,34 @@ def test_sigterm_under_load_answers_in_flight_requests_refuses_new_ones_and_exit
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# --------------------------------------------------------------------------------------- load tools
+def test_open_loop_load_over_binary_tensors_and_grpc():
+    from serve.loadgen import poisson_arrivals, run_load
+
+    labels = _offline(X)[0].tolist()  # the model's own answers: accuracy 1 unless a row is mixed up
+    app = make_app(grpc_port=0)
+    with served(app) as url:
+        for encoding in ("json", "binary", "grpc"):
+            report = asyncio.run(run_load(url, "cascade", X.tolist(), labels, poisson_arrivals(40, 1.0, seed=2),
+                                          slo_ms=1000, inputs_per_request=3, encoding=encoding,
+                                          grpc_port=app.state.grpc_port))
+            assert report.sent > 0 and report.answered_ok == report.sent and report.errors == 0, encoding
+            assert report.accuracy == 1.0, encoding
+
+
+def test_locust_drives_the_protocol_endpoint(tmp_path):
+    locust = shutil.which("locust", path=str(Path(sys.executable).parent))
+    if locust is None:
+        pytest.skip("locust is not installed: pip install locust")
+    with served(make_app()) as url:
+        out = subprocess.run([locust, "-f", str(ROOT / "bench" / "locustfile.py"), "--headless", "--host", url,
+                              "-u", "4", "-r", "4", "-t", "3s", "--csv", str(tmp_path / "load"), "--only-summary"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=120,
+                             env={**os.environ, "LOAD_MODEL": "cascade", "LOAD_RPS_PER_USER": "5",
+                                  "LOAD_SLO_MS": "1000", "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {r["Name"]: r for r in csv.DictReader(open(tmp_path / "load_stats.csv"))}
+    infer = rows["infer cascade"]
+    assert int(infer["Request Count"]) >= 20 and int(infer["Failure Count"]) == 0, infer

@@ -130,6 +130,29 @@ def find_peak(url: str, model: str, xs: list, ys: list, cfg: DictConfig) -> tupl
     return lo, probes
 
 
+def _timed_grpc(infer, model: str, x) -> dict[str, float]:
+    """One gRPC ``ModelInfer``: the model's and the engine's time (response parameters) and the round trip."""
+    body = encode_grpc(model, x, ["label"], {})
+    t0 = time.perf_counter()
+    res = infer(body, timeout=10)
+    rtt = (time.perf_counter() - t0) * 1e3
+    params = {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in res.parameters.items()}
+    return {"model": params["compute_ms"], "engine": params["engine_ms"], "server": float("nan"), "client": rtt}
+
+
+def _timed_http(client: httpx.Client, model: str, x, encoding: str) -> dict[str, float]:
+    """One REST ``infer`` (JSON or binary): as :func:`_timed_grpc`, plus the server's ``Server-Timing``."""
+    body, headers = encode_infer(x, encoding, ["label"])
+    t0 = time.perf_counter()
+    r = client.post(f"/v2/models/{model}/infer", content=body, headers=headers)
+    rtt = (time.perf_counter() - t0) * 1e3
+    r.raise_for_status()
+    size = r.headers.get("inference-header-content-length")
+    params = json.loads(r.content[:int(size)] if size else r.content)["parameters"]
+    return {"model": params["compute_ms"], "engine": params["engine_ms"],
+            "server": float(r.headers["server-timing"].split("dur=")[1]), "client": rtt}
+
+
 def overhead(url: str, grpc_port: int, model: str, entry: dict[str, Any], xs: torch.Tensor, n: int,
              encodings: list[str]) -> dict[str, Any]:
     """What the serving path adds to the model's own time, one input per request, one request at a time
@@ -161,24 +184,7 @@ def overhead(url: str, grpc_port: int, model: str, entry: dict[str, Any], xs: to
         for i in range(n):
             x = xs[i % len(xs)][None].numpy()
             for enc in encodings:
-                if enc == "grpc":
-                    body = encode_grpc(model, x, ["label"], {})
-                    t0 = time.perf_counter()
-                    res = infer(body, timeout=10)
-                    rtt = (time.perf_counter() - t0) * 1e3
-                    params = {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in res.parameters.items()}
-                    server = float("nan")
-                else:
-                    body, headers = encode_infer(x, enc, ["label"])
-                    t0 = time.perf_counter()
-                    r = client.post(f"/v2/models/{model}/infer", content=body, headers=headers)
-                    rtt = (time.perf_counter() - t0) * 1e3
-                    r.raise_for_status()
-                    size = r.headers.get("inference-header-content-length")
-                    params = json.loads(r.content[:int(size)] if size else r.content)["parameters"]
-                    server = float(r.headers["server-timing"].split("dur=")[1])
-                rows[enc].append({"model": params["compute_ms"], "engine": params["engine_ms"], "server": server,
-                                  "client": rtt})
+                rows[enc].append(_timed_grpc(infer, model, x) if enc == "grpc" else _timed_http(client, model, x, enc))
     out: dict[str, Any] = {"direct_p50_ms": statistics.median(direct[n // 10:])}
     for enc, samples in rows.items():
         samples = samples[n // 10:]  # warm-up

@@ -101,6 +101,10 @@ async def run_load(url: str, model: str, inputs: Sequence[list], labels: Sequenc
         raise ValueError(f"the load generator only targets loopback, not {host!r}")
     if encoding == "grpc" and grpc_port is None:
         raise ValueError("encoding='grpc' needs the server's grpc_port")
+    if encoding == "grpc" and deadline_ms is None:
+        # A gRPC call's own timeout (timeout_s, for the client's safety) would become the request's
+        # deadline; REST requests without one get the server's default (its slo_ms), so say it here.
+        deadline_ms = slo_ms
     # Encode the bodies before the clock starts: the generator must not be the bottleneck it measures.
     requests = encode_bodies(inputs, labels, len(arrivals), inputs_per_request, encoding, deadline_ms, model)
     path = f"{url.rstrip('/')}/v2/models/{model}/infer" if encoding != "grpc" else f"{host}:{grpc_port}"

@@ -222,14 +222,19 @@ async def _send_all_grpc(target: str, requests: list[EncodedRequest], arrivals: 
                 code = _GRPC_AS_HTTP.get(e.code().name, -1)
                 results.extend({"code": code, "ms": (time.perf_counter() - t0) * 1e3} for _ in range(k))
 
-        tasks = []
-        for i, t in enumerate(arrivals):
-            delay = start + t - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i)))
-        await asyncio.gather(*tasks)
+        await _at_arrivals(start, arrivals, one)
         return results, time.perf_counter() - start
+
+
+async def _at_arrivals(start: float, arrivals: Sequence[float], one) -> None:
+    """Start ``one(i)`` at ``start + arrivals[i]`` whatever earlier calls are doing; wait for them all."""
+    tasks = []
+    for i, t in enumerate(arrivals):
+        delay = start + t - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*tasks)
 
 
 def read_outputs(payload: bytes, header_length: str | None) -> dict[str, np.ndarray]:
@@ -278,13 +283,7 @@ async def _send_all(path: str, requests: list[EncodedRequest], arrivals: Sequenc
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 results.extend({"code": -1, "ms": (time.perf_counter() - t0) * 1e3} for _ in range(k))
 
-        tasks = []
-        for i, t in enumerate(arrivals):
-            delay = start + t - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i)))
-        await asyncio.gather(*tasks)
+        await _at_arrivals(start, arrivals, one)
         return results, time.perf_counter() - start
 
 

@@ -394,10 +394,12 @@ def _protocol_routes(service: InferenceService) -> APIRouter:
         return server_metadata(VERSION)
 
     @router.get("/v2/health/live", response_model=LiveBody)
+    @router.get("/healthz", response_model=LiveBody, tags=["extensions"])
     async def live() -> dict[str, bool]:
         return {"live": True}
 
     @router.get("/v2/health/ready", response_model=ReadyBody, responses={503: {"model": ReadyBody}})
+    @router.get("/readyz", response_model=ReadyBody, responses={503: {"model": ReadyBody}}, tags=["extensions"])
     async def ready() -> Response:
         ok = service.ready()
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
@@ -482,15 +484,6 @@ def _extension_routes(service: InferenceService, admin_token: str | None) -> API
                                         body.triage.model_dump(exclude_none=True) if body.triage else None)
         except (ValueError, TypeError) as e:
             raise ProtocolError(str(e), 422) from None
-
-    @router.get("/healthz", response_model=LiveBody)
-    async def healthz() -> dict[str, bool]:
-        return {"live": True}
-
-    @router.get("/readyz", response_model=ReadyBody, responses={503: {"model": ReadyBody}})
-    async def readyz() -> Response:
-        ok = service.ready()
-        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     @router.get("/metrics", response_class=PlainTextResponse,
                 responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},

@@ -360,8 +360,7 @@ class ServingEngine:
             r.queue_s += start - r.enqueued
             self.metrics.queue_wait.labels(name, str(stage)).observe(start - r.enqueued)
         out = await self.worker.call(self._execute, stage, [r.x for r in rows], level)
-        self._after_batch(stage, len(rows), time.monotonic() - start)
-        self._triage.record_batch(level, stage, len(rows), time.monotonic() - start)
+        self._after_batch(stage, level, len(rows), time.monotonic() - start)
         now = time.monotonic()
         for i, r in enumerate(rows):
             r.flops += float(out.flops[i])
@@ -436,12 +435,13 @@ class ServingEngine:
         if answer.degraded:
             m.degraded.labels(name).inc()
 
-    def _after_batch(self, stage: int, n: int, batch_s: float) -> None:
+    def _after_batch(self, stage: int, level: int, n: int, batch_s: float) -> None:
         name = self.model.name
         self.metrics.batch_size.labels(name, str(stage)).observe(n)
         self.metrics.batch_seconds.labels(name, str(stage)).observe(batch_s)
         self._ms_per_row = batch_s * 1e3 / n
         self._limits[stage].after_batch(n, batch_s)
+        self._triage.record_batch(level, stage, n, batch_s)
 
     def _update_triage(self, now: float) -> None:
         # How long the most urgent queued rows have waited in their queue: the threat to the objective

@@ -26,6 +26,8 @@ Request ``parameters`` we read: ``deadline_ms`` (or Triton's ``timeout`` in micr
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import json
 import math
@@ -282,9 +284,6 @@ def _from_json_data(data: Any, t: Tensor, count: int, where: str) -> Any:
         items = data if isinstance(data, list) else [data]
         if len(items) != count or not all(isinstance(s, str) for s in items):
             raise ProtocolError(f"{where}: BYTES data must be {count} strings (base64 for images)")
-        import base64
-        import binascii
-
         try:
             return [base64.b64decode(s, validate=True) for s in items]
         except (binascii.Error, ValueError):

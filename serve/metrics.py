@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["MS_BUCKETS", "EngineMetrics"]
+__all__ = ["MS_BUCKETS", "EngineMetrics", "ModelMetrics"]
 
 MS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
@@ -67,3 +68,40 @@ class EngineMetrics:
             Counter("serve_triage_changes_total", "Triage level changes (direction up or down; reasons at "
                     "GET /v2/settings)", ["model", "direction"], registry=r),
         )
+
+    def bind(self, model: str, num_stages: int) -> ModelMetrics:
+        """The children of one model (and each of its stages), looked up once: ``labels()`` takes a lock
+        and builds a key on every call, which the engine would otherwise pay several times per input."""
+        stages = [str(k) for k in range(num_stages)]
+
+        def per_stage(metric) -> list[Any]:
+            return [metric.labels(model, s) for s in stages]
+
+        return ModelMetrics(
+            per_stage(self.queue_depth), per_stage(self.queue_wait), per_stage(self.batch_size),
+            per_stage(self.batch_seconds), per_stage(self.exits), self.blocks.labels(model),
+            self.latency.labels(model), {s: self.requests.labels(model, s) for s in ("ok", "deadline_exceeded", "error")},
+            {m: self.slo.labels(model, m) for m in ("yes", "no")}, self.triage_level.labels(model),
+            self.degraded.labels(model), self.rejected.labels(model), self.flops.labels(model),
+            self.cancelled.labels(model), {d: self.triage_changes.labels(model, d) for d in ("up", "down")})
+
+
+@dataclass
+class ModelMetrics:
+    """One model's metric children (:meth:`EngineMetrics.bind`); per-stage ones are lists by stage."""
+
+    queue_depth: list[Any]
+    queue_wait: list[Any]
+    batch_size: list[Any]
+    batch_seconds: list[Any]
+    exits: list[Any]
+    blocks: Any
+    latency: Any
+    answers: dict[str, Any]
+    slo: dict[str, Any]
+    triage_level: Any
+    degraded: Any
+    rejected: Any
+    flops: Any
+    cancelled: Any
+    triage_changes: dict[str, Any]

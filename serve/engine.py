@@ -15,9 +15,10 @@ loop stays free to accept requests, answer expired ones and publish metrics.
   :class:`QueueFull` with a ``retry_after_s`` hint; it never blocks.
 - Triage: ``off``, ``on`` (a fixed level) or ``auto``. Auto raises the level when the queued work
   (the oldest wait, or the front end's event-loop lag ``front_lag_s``, and the backlog at the level's
-  measured pace) is predicted to miss the objective, and lowers it with hysteresis once the costlier
-  level is predicted to meet it for ``hold_s`` (:class:`serve.triage.TriageController`); each change
-  is published with its reason.
+  measured pace) is predicted to miss the objective, or to come near it while the arrivals outrun the
+  level's pace; it lowers the level once the costlier one keeps up with the arrivals and is predicted
+  well inside the objective, at most once per ``hold_s`` (:class:`serve.triage.TriageController`);
+  each change is published with its reason.
   The levels are the model's priced operating points, costliest first
   (:meth:`gating.adapters.ModelAdapter.triage_levels`).
 - Exactly one answer per accepted request, and :meth:`ServingEngine.stop` drains in-flight work.
@@ -271,6 +272,7 @@ class ServingEngine:
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         deadline = now + (deadline_ms if deadline_ms is not None else self.batching.slo_ms) / 1e3
+        self._triage.arrive(now, n)
         rows = []
         for i in range(n):
             row = _Row(x[i], deadline, priority, now, loop.create_future(), next(self._seq), enqueued=now)

@@ -279,9 +279,12 @@ def test_auto_triage_rises_on_front_end_lag_with_an_empty_queue():
         engine = ServingEngine(FakeCascade(), BatchingConfig(max_batch_size=4, max_delay_ms=0, slo_ms=100),
                                TriageConfig(mode="auto", hold_s=0.05))
         await engine.start()
-        await engine.submit(torch.ones(1, 3))
+        await engine.submit(torch.ones(16, 3))  # enough rows to measure the level's pace
         calm_level = engine.triage_level
-        engine.front_lag_s = lambda: 0.09  # the front end runs 90 ms late: past 0.8 x 100 ms with a batch
+        engine.front_lag_s = lambda: 0.09  # 90 ms late: near the objective, but the arrivals are few
+        await engine.submit(torch.ones(1, 3))
+        near = engine.triage_level
+        engine.front_lag_s = lambda: 0.11  # 110 ms late: past the objective
         await engine.submit(torch.ones(1, 3))
         raised = engine.triage_level
         engine.front_lag_s = lambda: 0.0
@@ -289,10 +292,10 @@ def test_auto_triage_rises_on_front_end_lag_with_an_empty_queue():
             await asyncio.sleep(0.03)
             await engine.submit(torch.ones(1, 3))
         await engine.stop()
-        return calm_level, raised, engine.triage_level
+        return calm_level, near, raised, engine.triage_level
 
-    calm_level, raised, final = _run(go())
-    assert (calm_level, raised, final) == (0, 1, 0)
+    calm_level, near, raised, final = _run(go())
+    assert (calm_level, near, raised, final) == (0, 0, 1, 0)
 
 
 def test_http_sheds_infer_while_the_loop_lags():
@@ -339,28 +342,34 @@ def test_clients_that_disconnect_have_their_queued_inputs_withdrawn():
 def test_triage_controller_without_an_event_loop():
     from serve.triage import TriageController
 
-    c = TriageController(TriageConfig(mode="auto", hold_s=1.0, step_s=0.5), num_levels=3, slo_ms=100, now=0.0,
-                         level_costs=[4.0, 2.0, 1.0])
+    c = TriageController(TriageConfig(mode="auto", hold_s=1.0, step_s=0.5, rate_window_s=1.0), num_levels=3,
+                         slo_ms=100, now=0.0, level_costs=[4.0, 2.0, 1.0])
     assert c.level == 0 and c.predicted_ms(0, 10, 5) is None     # nothing measured: the wait alone counts
     for _ in range(4):
         c.record_batch(level=0, stage=0, rows=8, seconds=0.008)  # 1 ms per row, 8 ms a batch
     assert c.predicted_ms(0, wait_ms=30, backlog=10) == pytest.approx(30 + 8)
     assert c.predicted_ms(0, wait_ms=5, backlog=60) == pytest.approx(60 + 8)
     assert c.predicted_ms(1, wait_ms=5, backlog=60) == pytest.approx((60 + 8) / 2)   # by priced cost
+    c.arrive(now=0.5, rows=500)                                  # 500 inputs/s: half of level 0's pace
+    assert c.utilization(0, now=1.0) == pytest.approx(0.5) and c.utilization(1, now=1.0) == pytest.approx(0.25)
     assert c.observe(now=1.0, wait_ms=30, backlog=10) == 0      # a 30 ms wait threatens nothing
-    assert c.observe(now=1.1, wait_ms=5, backlog=80) == 1       # 88 ms > 0.8 x 100 ms: up one level
-    assert "predicted 88 ms" in c.history(now=1.1)[-1]["reason"]
+    assert c.observe(now=1.0, wait_ms=5, backlog=85) == 0       # 93 ms > 0.8 x 100 ms, but level 0 keeps up
+    assert c.observe(now=1.1, wait_ms=5, backlog=95) == 1       # 103 ms > 100 ms: a miss, up one level
+    assert "predicted 103 ms > 100 ms" in c.history(now=1.1)[-1]["reason"]
+    c.arrive(now=1.2, rows=2000)                                 # 2000 inputs/s: 2x level 0's pace
     assert c.observe(now=1.2, wait_ms=5, backlog=200) == 1      # at most one raise per step_s
-    assert c.observe(now=1.7, wait_ms=5, backlog=200) == 2
+    assert c.observe(now=1.7, wait_ms=5, backlog=160) == 2      # 84 ms > 0.8 x 100 ms, 1.0 of level 1's pace
+    assert "level 1 does not keep up (1.00 of its pace)" in c.history(now=1.7)[-1]["reason"]
     assert c.observe(now=2.0, wait_ms=500, backlog=900) == 2    # the top level holds
-    assert c.observe(now=2.1, wait_ms=5, backlog=50) == 2       # level 1 would take 29 ms: calm starts
-    assert c.observe(now=2.5, wait_ms=5, backlog=70) == 2       # level 1: 39 ms, still under 50
-    assert c.observe(now=3.2, wait_ms=5, backlog=50) == 1       # hold_s of calm: down one
-    assert c.observe(now=3.3, wait_ms=5, backlog=50) == 1       # level 0 would take 58 ms > 50: not calm
-    assert c.observe(now=4.4, wait_ms=0, backlog=2) == 1
-    assert c.observe(now=5.5, wait_ms=0, backlog=2) == 0
+    assert c.observe(now=2.3, wait_ms=5, backlog=20) == 2       # the burst has left the window, but hold_s
+    c.arrive(now=2.65, rows=400)                                 # has not passed since the raise
+    assert c.observe(now=2.8, wait_ms=5, backlog=20) == 1       # down one: level 1 keeps up, predicted 14 ms
+    assert "level 1 keeps up (0.20 of its pace)" in c.history(now=2.8)[-1]["reason"]
+    c.arrive(now=3.0, rows=1000)                                 # 1000 inputs/s: level 0 would use 1.0
+    assert c.observe(now=3.9, wait_ms=5, backlog=20) == 1       # predicted 28 ms, but level 0 would not keep up
+    assert c.observe(now=4.5, wait_ms=0, backlog=2) == 0        # the window has emptied: down
     assert [lv for _, lv, _ in c.changes] == [0, 1, 2, 1, 0]
-    assert c.history(now=6.0)[-1]["s_ago"] == 0.5 and "for 1 s" in c.history(now=6.0)[-1]["reason"]
+    assert c.history(now=5.0)[-1]["s_ago"] == 0.5
     c.configure(TriageConfig(mode="on", level=7), slo_ms=100, now=7.0)  # clamped to the top level
     assert c.level == 2 and c.observe(now=8.0, wait_ms=500) == 2
     c.configure(TriageConfig(mode="off"), slo_ms=100, now=9.0)

@@ -231,10 +231,8 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         runs = []
         for i in range(cfg.repeats):
             for mode in cfg.poisson_triage:
-                put(url, main, {"triage": {"mode": mode}})
-                time.sleep(1.0)
-                runs.append({"triage": mode, **load(url, main, xs, ys,
-                                                    poisson_arrivals(rate, cfg.poisson_s, seed=99 + i), cfg)})
+                runs.append(run_with_triage(url, main, xs, ys, poisson_arrivals(rate, cfg.poisson_s, seed=99 + i),
+                                            mode, cfg))
         put(url, main, {"triage": {"mode": "off"}})
         result["poisson"] = {"model": main, "rate": rate, "runs": runs}
         result["burst"] = burst_runs(url, main, xs, ys, cfg.burst_base_fraction * peaks[main]["peak_rps"], cfg)
@@ -253,6 +251,17 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
+def run_with_triage(url: str, model: str, xs: list, ys: list, arrivals, mode: str, cfg: DictConfig) -> dict[str, Any]:
+    """One load run with triage in ``mode``; the record holds the triage changes it caused, with their reasons."""
+    put(url, model, {"triage": {"mode": mode}})
+    time.sleep(1.0)
+    rep = {"triage": mode, **load(url, model, xs, ys, arrivals, cfg)}
+    settings = httpx.get(f"{url}/v2/settings").json()[model]
+    rep["triage_changes"] = [c for c in settings["triage_changes"]  # this run's, newest last
+                             if c["s_ago"] <= rep["duration_s"] + 1.0]
+    return rep
+
+
 def burst_runs(url: str, model: str, xs: list, ys: list, base: float, cfg: DictConfig) -> dict[str, Any]:
     """``cfg.repeats`` bursts on a Poisson base, each with triage off then auto, with each run's triage changes."""
     runs = []
@@ -260,13 +269,7 @@ def burst_runs(url: str, model: str, xs: list, ys: list, base: float, cfg: DictC
         arrivals = burst_arrivals(base, cfg.burst_total_s, cfg.burst_start_s, cfg.burst_s, cfg.burst_factor,
                                   seed=7 + i)
         for mode in ("off", "auto"):
-            put(url, model, {"triage": {"mode": mode}})
-            time.sleep(1.0)
-            rep = {"triage": mode, **load(url, model, xs, ys, arrivals, cfg)}
-            settings = httpx.get(f"{url}/v2/settings").json()[model]
-            rep["triage_changes"] = [c for c in settings["triage_changes"]  # this run's, newest last
-                                     if c["s_ago"] <= rep["duration_s"] + 1.0]
-            runs.append(rep)
+            runs.append(run_with_triage(url, model, xs, ys, arrivals, mode, cfg))
     put(url, model, {"triage": {"mode": "off"}})
     return {"model": model, "base_rate": base, "factor": cfg.burst_factor, "burst_s": cfg.burst_s, "runs": runs}
 

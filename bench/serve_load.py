@@ -235,6 +235,8 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
                                             mode, cfg))
         put(url, main, {"triage": {"mode": "off"}})
         result["poisson"] = {"model": main, "rate": rate, "runs": runs}
+        if cfg.locust_repeats and cfg.encoding != "grpc":
+            result["locust"] = locust_runs(url, main, x, y, rate, cfg)
         result["burst"] = burst_runs(url, main, xs, ys, cfg.burst_base_fraction * peaks[main]["peak_rps"], cfg)
         result["metrics_text_bytes"] = len(httpx.get(f"{url}/metrics").text)
         ref_rps = max(peaks[cfg.models[-1]]["peak_rps"], 1e-9)
@@ -274,6 +276,60 @@ def burst_runs(url: str, model: str, xs: list, ys: list, base: float, cfg: DictC
     return {"model": model, "base_rate": base, "factor": cfg.burst_factor, "burst_s": cfg.burst_s, "runs": runs}
 
 
+def locust_runs(url: str, model: str, x: torch.Tensor, y: torch.Tensor, rate: float, cfg: DictConfig) -> dict[str, Any]:
+    """Locust (``bench/locustfile.py``) at the Poisson runs' rate on the same inputs, triage off, each repeat
+    next to one of our generator's runs at that rate, so the two tools' figures compare in one table.
+
+    Locust's users each send at a constant rate (``constant_throughput``), so its arrivals are evenly
+    spread rather than Poisson; its latency is from its own send, not from a schedule.
+    """
+    import numpy as np
+
+    inputs = Path(cfg.paths.output_dir) / "locust_inputs.npy"
+    np.save(inputs, x.numpy().astype("<f4"))
+    users = max(1, round(rate / cfg.locust_rps_per_user))
+    env = {**os.environ, "LOAD_MODEL": model, "LOAD_ENCODING": cfg.encoding, "LOAD_INPUTS": str(inputs),
+           "LOAD_INPUTS_PER_REQUEST": str(cfg.inputs_per_request), "LOAD_SLO_MS": str(cfg.slo_ms),
+           "LOAD_RPS_PER_USER": str(cfg.locust_rps_per_user),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH")]))}
+    put(url, model, {"triage": {"mode": "off"}})
+    xs, ys = x.tolist(), y.tolist()
+    runs = []
+    for i in range(cfg.locust_repeats):
+        prefix = Path(cfg.paths.output_dir) / f"locust_{i}"
+        time.sleep(1.0)
+        cmd = [sys.executable, "-m", "locust", "-f", str(Path(__file__).with_name("locustfile.py")), "--headless",
+               "--host", url, "-u", str(users), "-r", str(users), "-t", f"{cfg.poisson_s:g}s", "--csv", str(prefix),
+               "--only-summary", "--loglevel", "WARNING"]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=cfg.poisson_s + 120)
+        if not prefix.with_name(prefix.name + "_stats.csv").exists():
+            raise UserError(f"locust wrote no statistics (exit {done.returncode}): {done.stderr[-2000:]}")
+        runs.append({"tool": "locust", "users": users, **_locust_stats(prefix, model)})
+        time.sleep(1.0)
+        ours = load(url, model, xs, ys, poisson_arrivals(rate, cfg.poisson_s, seed=500 + i), cfg)
+        runs.append({"tool": "serve.loadgen", **{k: ours[k] for k in ("sent", "throughput_rps", "p50_ms", "p95_ms",
+                                                                          "p99_ms", "slo_attainment")}})
+    return {"model": model, "rate": rate, "rps_per_user": cfg.locust_rps_per_user, "runs": runs}
+
+
+def _locust_stats(prefix: Path, model: str) -> dict[str, Any]:
+    """The infer row of Locust's ``--csv`` statistics, and its failures by reason."""
+    import csv
+
+    with open(f"{prefix}_stats.csv") as f:
+        row = next(r for r in csv.DictReader(f) if r["Name"] == f"infer {model}")
+    failures: dict[str, int] = {}
+    with open(f"{prefix}_failures.csv") as f:
+        for r in csv.DictReader(f):
+            if r["Name"] == f"infer {model}":
+                failures[r["Error"]] = failures.get(r["Error"], 0) + int(r["Occurrences"])
+    sent, failed = int(row["Request Count"]), int(row["Failure Count"])
+    return {"sent": sent, "throughput_rps": float(row["Requests/s"]), "p50_ms": float(row["50%"]),
+            "p95_ms": float(row["95%"]), "p99_ms": float(row["99%"]),
+            "slo_attainment": (sent - failed) / sent if sent else float("nan"), "failures": failures}
+
+
 def report(r: dict[str, Any], cfg: DictConfig) -> None:
     rows = []
     for m, p in r["peaks"].items():
@@ -293,6 +349,11 @@ def report(r: dict[str, Any], cfg: DictConfig) -> None:
     p = r["poisson"]
     print(f"\nPoisson at {cfg.poisson_fraction:.0%} of peak ({p['rate']:.0f} req/s, {p['model']}), each run:")
     print(markdown_table([{"triage": q.get("triage", "off"), **{k: q[k] for k in keys}} for q in p["runs"]]))
+    if "locust" in r:
+        lo = r["locust"]
+        print(f"\nLocust and our generator at {lo['rate']:.0f} req/s ({lo['model']}, triage off), alternating:")
+        print(markdown_table([{k: q.get(k) for k in ("tool", "sent", "throughput_rps", "p50_ms", "p95_ms", "p99_ms",
+                                                      "slo_attainment")} for q in lo["runs"]]))
     b = r["burst"]
     print(f"\n{b['factor']}x burst for {b['burst_s']} s on {b['base_rate']:.0f} req/s ({b['model']}), each run:")
     print(markdown_table([{"triage": q["triage"], **{k: q[k] for k in keys}} for q in b["runs"]]))

@@ -41,8 +41,8 @@ class TriageConfig:
     exit_fraction: float = 0.5
     hold_s: float = 0.5
     step_s: float = 0.0               # auto: at least this long between two raises (0: at every batch)
-    utilization: float = 0.9          # auto: a level keeps up while arrivals x its pace stay under this
-    rate_window_s: float = 0.5        # auto: the arrival rate is measured over this window
+    utilization: float = 1.0          # auto: a level keeps up while arrivals x its pace stay under this
+    rate_window_s: float = 2.0        # auto: the arrival rate is measured over this window
 
     def validate(self) -> None:
         """Raise ``ValueError`` on a setting of the wrong type or out of bounds (see :data:`TRIAGE_BOUNDS`)."""

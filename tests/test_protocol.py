@@ -395,3 +395,10 @@ def test_locust_drives_the_protocol_endpoint(tmp_path):
     rows = {r["Name"]: r for r in csv.DictReader(open(tmp_path / "load_stats.csv"))}
     infer = rows["infer cascade"]
     assert int(infer["Request Count"]) >= 20 and int(infer["Failure Count"]) == 0, infer
+    # the benchmark reads the same files into its table
+    spec = importlib.util.spec_from_file_location("serve_load", ROOT / "bench" / "serve_load.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    stats = bench._locust_stats(tmp_path / "load", "cascade")
+    assert stats["sent"] == int(infer["Request Count"]) and stats["slo_attainment"] == 1.0
+    assert stats["failures"] == {} and 0 < stats["p50_ms"] <= stats["p99_ms"]

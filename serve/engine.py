@@ -201,7 +201,7 @@ class ServingEngine:
         self._ms_per_row = 1.0  # the recent batch pace, for Retry-After hints
         self._stream = None  # the engine's CUDA stream, made on the device thread at the first batch
         self._triage = TriageController(self.triage, len(self.levels), self.batching.slo_ms, time.monotonic(),
-                                        [p.val_gflops_per_img for p in self.levels])
+                                        [p.val_gflops_per_img for p in self.levels], self.batching.max_batch_size)
         # The front end's own delay (seconds), which queue waits cannot see: set by the app to its
         # event-loop lag (serve.frontend.LoopLagMonitor); auto triage treats it as waiting.
         self.front_lag_s: Callable[[], float] = lambda: 0.0
@@ -491,7 +491,8 @@ class ServingEngine:
             return
         oldest = min((q[0][1].enqueued for q in self._queues if q), default=now)
         before = self._triage.level
-        level = self._triage.observe(now, max(now - oldest, self.front_lag_s()) * 1e3, self._queued)
+        level = self._triage.observe(now, max(now - oldest, self.front_lag_s()) * 1e3, self._queued,
+                                     max(1, self._limits[0].limit))
         if level != before:
             self._m.triage_level.set(level)
             self._m.triage_changes["up" if level > before else "down"].inc()

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import collections
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from serve.batching import check_fields
 
-__all__ = ["TRIAGE_BOUNDS", "TRIAGE_MODES", "LevelPace", "TriageConfig", "TriageController"]
+__all__ = ["TRIAGE_BOUNDS", "TRIAGE_MODES", "LevelPace", "StagePace", "TriageConfig", "TriageController"]
 
 TRIAGE_MODES = ("off", "on", "auto")
 
@@ -61,24 +61,80 @@ TRIAGE_BOUNDS: dict[str, tuple[type, float, float]] = {
 
 
 @dataclass
+class StagePace:
+    """One stage's batch time as ``fixed_ms + row_ms * rows``, fitted by least squares with exponential
+    forgetting. The per-row cost of a full batch is what a backlog is worked off at; the average batch
+    at moderate load is smaller, and its per-row cost overstated the backlog's time by up to 2x."""
+
+    weight: float = 0.0
+    rows: float = 0.0     # the forgetting sums: n, t, n^2, n t
+    ms: float = 0.0
+    rows_sq: float = 0.0
+    rows_ms: float = 0.0
+
+    def record(self, rows: int, ms: float, alpha: float) -> None:
+        k = 1.0 - alpha
+        self.weight, self.rows, self.ms = k * self.weight + 1, k * self.rows + rows, k * self.ms + ms
+        self.rows_sq, self.rows_ms = k * self.rows_sq + rows * rows, k * self.rows_ms + rows * ms
+
+    def fit(self) -> tuple[float, float]:
+        """``(fixed_ms, row_ms)``; with too little spread in batch sizes, all of the time is per row."""
+        n, t = self.rows / self.weight, self.ms / self.weight
+        var = self.rows_sq / self.weight - n * n
+        if var > 0.25 * n * n / 16:  # batch sizes spread enough (coefficient of variation > 1/8)
+            row_ms = (self.rows_ms / self.weight - n * t) / var
+            fixed_ms = t - row_ms * n
+            if row_ms >= 0 and fixed_ms >= 0:
+                return fixed_ms, row_ms
+        return 0.0, t / max(n, 1e-9)
+
+
+@dataclass
 class LevelPace:
-    """The measured service pace at one level: ms per input (over every stage) and ms per first-stage batch."""
+    """The measured service pace at one level: each stage's batch time fit, the rows each stage sees
+    per input entering stage 0 (a cascade defers some), and the recent first-stage batch time."""
 
-    row_ms: float | None = None
+    stages: list[StagePace] = field(default_factory=list)
+    seen: list[float] = field(default_factory=list)  # rows per stage, forgotten on one clock (stage 0's batches)
     batch_ms: float | None = None
-    _seconds: float = 0.0
-    _rows: int = 0
+    first_rows: int = 0   # inputs seen at stage 0 (the pace counts as measured from min_rows on)
+    alpha: float = 0.05
+    min_rows: int = 16
 
-    def record(self, stage: int, rows: int, seconds: float, alpha: float = 0.2, window: int = 16) -> None:
-        self._seconds += seconds
+    def record(self, stage: int, rows: int, seconds: float) -> None:
+        while len(self.stages) <= stage:
+            self.stages.append(StagePace())
+            self.seen.append(0.0)
+        ms = seconds * 1e3
+        self.stages[stage].record(rows, ms, self.alpha)
         if stage == 0:
-            self._rows += rows
-            ms = seconds * 1e3
-            self.batch_ms = ms if self.batch_ms is None else (1 - alpha) * self.batch_ms + alpha * ms
-        if self._rows >= window:  # every stage's time, per input that entered the model
-            per_row = self._seconds * 1e3 / self._rows
-            self.row_ms = per_row if self.row_ms is None else (1 - alpha) * self.row_ms + alpha * per_row
-            self._seconds, self._rows = 0.0, 0
+            self.seen = [(1 - self.alpha) * v for v in self.seen]
+        self.seen[stage] += rows
+        if stage == 0:
+            self.first_rows += rows
+            self.batch_ms = ms if self.batch_ms is None else (1 - 4 * self.alpha) * self.batch_ms + 4 * self.alpha * ms
+
+    @property
+    def measured(self) -> bool:
+        return self.first_rows >= self.min_rows and self.batch_ms is not None
+
+    def _per_stage(self):
+        """``(rows per input entering, fixed_ms, row_ms)`` of each stage that has run."""
+        for st, rows in zip(self.stages, self.seen):
+            if st.weight > 0:
+                yield rows / self.seen[0], *st.fit()
+
+    def backlog_ms(self, rows: int, batch_limit: int) -> float:
+        """The time to work off ``rows`` queued inputs in batches of at most ``batch_limit``."""
+        total = 0.0
+        for share, fixed_ms, row_ms in self._per_stage():
+            n = rows * share
+            total += math.ceil(n / batch_limit) * fixed_ms + n * row_ms if n > 0 else 0.0
+        return total
+
+    def capacity_ms(self, batch_limit: int) -> float:
+        """Device time per input when batches are full: what a rising queue is worked off at."""
+        return sum(share * (row_ms + fixed_ms / batch_limit) for share, fixed_ms, row_ms in self._per_stage())
 
 
 class TriageController:
@@ -94,11 +150,13 @@ class TriageController:
         now: the time of creation (the first entry of :attr:`changes`).
         level_costs: each level's priced cost (GFLOPs per input), to estimate the pace of a level not yet
             measured from one that was; None: unknown levels are taken to run at a measured level's pace.
+        batch_limit: the most rows a batch takes (the engine passes its current limit to :meth:`observe`).
     """
 
     def __init__(self, config: TriageConfig, num_levels: int, slo_ms: float, now: float = 0.0,
-                 level_costs: list[float | None] | None = None) -> None:
+                 level_costs: list[float | None] | None = None, batch_limit: int = 64) -> None:
         self.config, self.num_levels, self.slo_ms = config, max(1, num_levels), slo_ms
+        self.batch_limit = batch_limit
         self.level = self.fixed_level()
         self.costs = list(level_costs) if level_costs else [None] * self.num_levels
         self.pace = [LevelPace() for _ in range(self.num_levels)]
@@ -144,35 +202,42 @@ class TriageController:
         return self._arrived / self.config.rate_window_s
 
     def utilization(self, level: int, now: float) -> float | None:
-        """Seconds of device time per second that the recent arrivals need at ``level`` (None: pace unknown)."""
-        pace = self._pace(level)
-        return None if pace is None else self.arrival_rate(now) * pace[0] / 1e3
+        """Seconds of device time per second that the recent arrivals need at ``level`` in full batches
+        (None: pace unknown)."""
+        known = self._pace(level)
+        if known is None:
+            return None
+        pace, scale = known
+        return self.arrival_rate(now) * pace.capacity_ms(self.batch_limit) * scale / 1e3
 
     def predicted_ms(self, level: int, wait_ms: float, backlog: int) -> float | None:
-        """When the queued work would be done at ``level``: the oldest row's wait or the backlog at the
-        level's pace, whichever is later, plus one batch; None before any pace is measured."""
-        pace = self._pace(level)
-        if pace is None:
+        """When the queued work would be done at ``level``: the oldest row's wait or the backlog worked
+        off in full batches at the level's pace, whichever is later, plus one batch (the one running);
+        None before any pace is measured."""
+        known = self._pace(level)
+        if known is None:
             return None
-        row_ms, batch_ms = pace
-        return max(wait_ms, backlog * row_ms) + batch_ms
+        pace, scale = known
+        return (max(wait_ms, pace.backlog_ms(backlog, self.batch_limit) * scale) + pace.batch_ms * scale)
 
-    def _pace(self, level: int) -> tuple[float, float] | None:
-        p = self.pace[level]
-        if p.row_ms is not None and p.batch_ms is not None:
-            return p.row_ms, p.batch_ms
-        known = [k for k, q in enumerate(self.pace) if q.row_ms is not None and q.batch_ms is not None]
+    def _pace(self, level: int) -> tuple[LevelPace, float] | None:
+        """The level's measured pace, or the nearest measured level's scaled by priced cost."""
+        if self.pace[level].measured:
+            return self.pace[level], 1.0
+        known = [k for k, q in enumerate(self.pace) if q.measured]
         if not known:
             return None
         k = min(known, key=lambda j: abs(j - level))
         scale = 1.0
         if self.costs[level] and self.costs[k]:
             scale = self.costs[level] / self.costs[k]
-        return self.pace[k].row_ms * scale, self.pace[k].batch_ms * scale
+        return self.pace[k], scale
 
-    def observe(self, now: float, wait_ms: float, backlog: int = 0) -> int:
-        """Auto mode: take the load (the oldest queued row's wait or the front end's lag, in ms, and the
-        queued rows) and return the level."""
+    def observe(self, now: float, wait_ms: float, backlog: int = 0, batch_limit: int | None = None) -> int:
+        """Auto mode: take the load (the oldest queued row's wait or the front end's lag, in ms, the
+        queued rows, and the batch limit now) and return the level."""
+        if batch_limit is not None:
+            self.batch_limit = max(1, batch_limit)
         if self.config.mode != "auto":
             return self.level
         c, slo = self.config, self.slo_ms

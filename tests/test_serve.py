@@ -376,6 +376,28 @@ def test_triage_controller_without_an_event_loop():
     assert c.level == 0 and c.history(now=9.0)[-1]["reason"] == "set by hand (off)"
 
 
+def test_triage_pace_fits_fixed_and_per_row_costs_per_stage():
+    from serve.triage import LevelPace, TriageController
+
+    pace = LevelPace()
+    for _ in range(30):  # stage 0: 4 ms a batch plus 0.5 ms a row; half the rows go on to stage 1
+        pace.record(stage=0, rows=4, seconds=0.006)
+        pace.record(stage=0, rows=32, seconds=0.020)
+        pace.record(stage=1, rows=18, seconds=0.002 + 18 * 0.001)  # 2 ms a batch plus 1 ms a row
+    share0, fixed0, row0 = list(pace._per_stage())[0]
+    assert (share0, fixed0, row0) == (pytest.approx(1.0), pytest.approx(4.0), pytest.approx(0.5))
+    share1, fixed1, row1 = list(pace._per_stage())[1]
+    assert share1 == pytest.approx(0.5, rel=0.05) and row1 == pytest.approx(20 / 18)  # one batch size: all per row
+    # 128 queued inputs in batches of 32: stage 0 takes 4 x 4 + 128 x 0.5 ms, stage 1 its 64 rows x 1.11 ms
+    assert pace.backlog_ms(128, batch_limit=32) == pytest.approx(16 + 64 + 64 * 20 / 18, rel=0.05)
+    assert pace.capacity_ms(32) == pytest.approx(0.5 + 4 / 32 + 0.5 * 20 / 18, rel=0.05)
+    c = TriageController(TriageConfig(mode="auto", rate_window_s=1.0), num_levels=2, slo_ms=100, batch_limit=32)
+    c.pace[0] = pace
+    c.arrive(now=0.0, rows=500)  # 500 inputs/s at 1.18 ms each in full batches: 0.59 of the device
+    assert c.utilization(0, now=0.5) == pytest.approx(500 * pace.capacity_ms(32) / 1e3)
+    assert c.observe(now=0.5, wait_ms=10, backlog=50, batch_limit=16) == 0 and c.batch_limit == 16
+
+
 def test_adaptive_batch_limit_without_an_event_loop():
     from serve.batching import AdaptiveBatchLimit
 

@@ -80,7 +80,8 @@ class EngineMetrics:
         return ModelMetrics(
             per_stage(self.queue_depth), per_stage(self.queue_wait), per_stage(self.batch_size),
             per_stage(self.batch_seconds), per_stage(self.exits), self.blocks.labels(model),
-            self.latency.labels(model), {s: self.requests.labels(model, s) for s in ("ok", "deadline_exceeded", "error")},
+            self.latency.labels(model),
+            {s: self.requests.labels(model, s) for s in ("ok", "deadline_exceeded", "error")},
             {m: self.slo.labels(model, m) for m in ("yes", "no")}, self.triage_level.labels(model),
             self.degraded.labels(model), self.rejected.labels(model), self.flops.labels(model),
             self.cancelled.labels(model), {d: self.triage_changes.labels(model, d) for d in ("up", "down")})

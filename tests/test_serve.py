@@ -342,8 +342,8 @@ def test_clients_that_disconnect_have_their_queued_inputs_withdrawn():
 def test_triage_controller_without_an_event_loop():
     from serve.triage import TriageController
 
-    c = TriageController(TriageConfig(mode="auto", hold_s=1.0, step_s=0.5, rate_window_s=1.0, utilization=1.0), num_levels=3,
-                         slo_ms=100, now=0.0, level_costs=[4.0, 2.0, 1.0])
+    config = TriageConfig(mode="auto", hold_s=1.0, step_s=0.5, rate_window_s=1.0, utilization=1.0)
+    c = TriageController(config, num_levels=3, slo_ms=100, now=0.0, level_costs=[4.0, 2.0, 1.0])
     assert c.level == 0 and c.predicted_ms(0, 10, 5) is None     # nothing measured: the wait alone counts
     for _ in range(4):
         c.record_batch(level=0, stage=0, rows=8, seconds=0.008)  # 1 ms per row, 8 ms a batch

@@ -214,7 +214,8 @@ class FrontDoor:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        size = dict(scope["headers"]).get(b"content-length", b"")
+        headers = dict(scope["headers"])
+        size = headers.get(b"content-length", b"")
         if size.isdigit() and int(size) > self.max_body_bytes:
             await _error(413, f"request body over {self.max_body_bytes} bytes")(scope, receive, send)
             return
@@ -231,16 +232,20 @@ class FrontDoor:
             await body(scope, receive, send)
         elif body is not None:  # None: the client went away mid-body, and gets nothing
             route = _INFER_PATH.fullmatch(scope["path"]) if self.infer and scope["method"] == "POST" else None
-            app = self.app if route is None else self._infer_app(route["name"], route["version"])
+            if route is not None:
+                header = headers.get(b"inference-header-content-length")
+                app = self._infer_app(route["name"], route["version"], body,
+                                      None if header is None else header.decode("latin-1"))
+            else:
+                app = self.app
             await self._serve(app, scope, body, receive, _timed(send, t0))
 
-    def _infer_app(self, name: str, version: str | None):
-        """An ASGI app answering one infer request through :attr:`infer`, errors as the app's handlers give them."""
+    def _infer_app(self, name: str, version: str | None, body: bytes, header: str | None):
+        """An ASGI app answering one infer request (its body already read) through :attr:`infer`, errors
+        as the app's handlers give them."""
         async def app(scope, receive, send) -> None:
-            body = (await receive())["body"]
             try:
-                header = dict(scope["headers"]).get(b"inference-header-content-length")
-                response = await self.infer(name, version, body, None if header is None else header.decode("latin-1"))
+                response = await self.infer(name, version, body, header)
             except ProtocolError as e:
                 response = _error(e.status, e.message, e.headers)
             except Exception:  # what ServerErrorMiddleware does for the routed app, as the protocol's error
@@ -354,12 +359,13 @@ def create_app(engines: dict[str, ServingEngine], max_body_bytes: int = 8 << 20,
     app = FastAPI(title="adaptive-inference serving", version=VERSION, lifespan=_lifespan(service, monitor, grpc),
                   description=__doc__)
     app.state.loop_lag, app.state.service = monitor, service
+    infer = infer_handler(service)
     app.add_middleware(FrontDoor, max_body_bytes=max_body_bytes, monitor=monitor, shed_lag_ms=shed_lag_ms,
-                       on_shed=count_shed, body_timeout_s=body_timeout_s, infer=infer_handler(service))
+                       on_shed=count_shed, body_timeout_s=body_timeout_s, infer=infer)
     app.add_exception_handler(ProtocolError, _protocol_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _bad_request)
-    app.include_router(_protocol_routes(service))
+    app.include_router(_protocol_routes(service, infer))
     app.include_router(_extension_routes(service, admin_token))
     return app
 
@@ -411,7 +417,7 @@ async def _bad_request(request: Request, exc: RequestValidationError) -> JSONRes
 
 
 # ----------------------------------------------------------------------------------------- routes
-def _protocol_routes(service: InferenceService) -> APIRouter:
+def _protocol_routes(service: InferenceService, infer_fn) -> APIRouter:
     """The Open Inference Protocol's REST routes."""
     router = APIRouter(tags=["Open Inference Protocol v2"], responses=_errors(*COMMON))
     names = sorted(service.signatures)
@@ -459,8 +465,7 @@ def _protocol_routes(service: InferenceService) -> APIRouter:
     async def infer(request: Request, name: str = Path(examples=names), version: str | None = None) -> Response:
         # The front door answers these itself with the same handler; this route documents them.
         body = await request.body()
-        return await infer_handler(service)(name, version, body,
-                                            request.headers.get("inference-header-content-length"))
+        return await infer_fn(name, version, body, request.headers.get("inference-header-content-length"))
 
     return router
 

@@ -280,21 +280,23 @@ class ServingEngine:
             rows.append(row)
             self._push(0, row)
         self._poke()
+        answers: list = []
         try:
-            if n == 1:  # one input: its future itself (gather would wrap it in another)
-                answers = [await rows[0].future]
-            else:
-                answers = await asyncio.gather(*(r.future for r in rows), return_exceptions=True)
+            for r in rows:  # each future awaited in turn: gather would wrap them in one more future per request
+                try:
+                    answers.append(await r.future)
+                except ModelFailed as e:  # every row's outcome is retrieved, so a failed batch is reported once
+                    answers.append(e)
         except asyncio.CancelledError:
             withdrawn = 0
-            for r in rows:  # gather has cancelled the unanswered ones: a queued row is dropped when popped
+            for r in rows:  # the unanswered ones are cancelled here: a queued row is dropped when popped
                 r.future.cancel()
                 withdrawn += r.future.cancelled()
                 if r.timer:
                     r.timer.cancel()
             self._m.cancelled.inc(withdrawn)
             raise
-        for a in answers:  # every row's outcome is retrieved, so a failed batch is reported once
+        for a in answers:  # the first failure is the request's
             if isinstance(a, BaseException):
                 raise a
         return answers

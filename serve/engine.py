@@ -17,7 +17,8 @@ loop stays free to accept requests, answer expired ones and publish metrics.
   (the oldest wait, or the front end's event-loop lag ``front_lag_s``, and the backlog at the level's
   measured pace) is predicted to miss the objective, or to come near it while the arrivals outrun the
   level's pace; it lowers the level once the costlier one keeps up with the arrivals and is predicted
-  well inside the objective, at most once per ``hold_s`` (:class:`serve.triage.TriageController`);
+  well inside the objective: at once after a transient backlog, at most once per ``hold_s`` after
+  load the level could not carry (:class:`serve.triage.TriageController`);
   each change is published with its reason.
   The levels are the model's priced operating points, costliest first
   (:meth:`gating.adapters.ModelAdapter.triage_levels`).

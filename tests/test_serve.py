@@ -370,6 +370,9 @@ def test_triage_controller_without_an_event_loop():
     assert c.observe(now=4.5, wait_ms=0, backlog=2) == 0        # the window has emptied: down
     assert [lv for _, lv, _ in c.changes] == [0, 1, 2, 1, 0]
     assert c.history(now=5.0)[-1]["s_ago"] == 0.5
+    assert c.observe(now=5.0, wait_ms=5, backlog=95) == 1       # a backlog with level 0 keeping up: a transient,
+    assert c.observe(now=5.05, wait_ms=5, backlog=10) == 0      # so down as soon as it is worked off, no hold
+    assert [lv for _, lv, _ in c.changes] == [0, 1, 2, 1, 0, 1, 0]
     c.configure(TriageConfig(mode="on", level=7), slo_ms=100, now=7.0)  # clamped to the top level
     assert c.level == 2 and c.observe(now=8.0, wait_ms=500) == 2
     c.configure(TriageConfig(mode="off"), slo_ms=100, now=9.0)

@@ -34,7 +34,10 @@ class TriageConfig:
     the level when the next costlier level keeps up and that level's prediction is under
     ``exit_fraction`` of the objective: at once when the last raise came while the level kept up (a
     transient backlog, such as a stall, that is gone once worked off), and otherwise only when ``hold_s``
-    has passed since the last change (the load itself was too much, and the rate window lags it).
+    has passed since the last change (the load itself was too much, and the rate window lags it). A
+    raise within ``hold_s`` of a lowering shows the lowering came too early (the start of a burst,
+    before the rate window sees it): the hold then doubles at each such raise, up to ``max_hold_s``,
+    and falls back once a raise comes after a calm spell.
     """
 
     mode: str = "off"
@@ -42,6 +45,7 @@ class TriageConfig:
     enter_fraction: float = 0.8
     exit_fraction: float = 0.5
     hold_s: float = 0.5
+    max_hold_s: float = 4.0           # auto: the longest hold after lowerings that were undone at once
     step_s: float = 0.0               # auto: at least this long between two raises (0: at every batch)
     utilization: float = 1.0          # auto: a level keeps up while arrivals x its pace stay under this
     rate_window_s: float = 2.0        # auto: the arrival rate is measured over this window
@@ -58,7 +62,7 @@ class TriageConfig:
 TRIAGE_BOUNDS: dict[str, tuple[type, float, float]] = {
     "level": (int, 0, 64), "enter_fraction": (float, 0.0, 10.0), "exit_fraction": (float, 0.0, 10.0),
     "hold_s": (float, 0.0, 3600.0), "step_s": (float, 0.0, 3600.0), "utilization": (float, 0.01, 10.0),
-    "rate_window_s": (float, 0.01, 60.0),
+    "rate_window_s": (float, 0.01, 60.0), "max_hold_s": (float, 0.0, 3600.0),
 }
 
 
@@ -168,6 +172,7 @@ class TriageController:
         # carry, nothing after one for a transient backlog (holding it degraded 3-4x more inputs than
         # the backlog held, at 80% of peak).
         self._hold_s = 0.0
+        self._lowered_at = -math.inf
         # (time, level, reason) of each change; bounded, as servers run for days.
         self.changes: collections.deque[tuple[float, int, str]] = collections.deque(
             [(now, self.level, f"start ({config.mode})")], maxlen=1000)
@@ -257,7 +262,7 @@ class TriageController:
                 why = (f"predicted {here:.0f} ms > {slo:g} ms" if here > slo else
                        f"predicted {here:.0f} ms > {c.enter_fraction:g} x {slo:g} ms and level {self.level} does "
                        f"not keep up ({_share(load)} of its pace)")
-                self._hold_s = c.hold_s if behind else 0.0
+                self._hold_s = self._hold_after_raise(now, behind)
                 self._set(self.level + 1, now, f"{why} (wait {wait_ms:.0f} ms, {backlog} queued)")
             return self.level
         if self.level == 0 or now - self.changes[-1][0] < self._hold_s:
@@ -266,9 +271,18 @@ class TriageController:
         above = wait_ms if above is None else above
         load_above = self.utilization(self.level - 1, now)
         if above < c.exit_fraction * slo and (load_above is None or load_above < c.utilization):
+            self._lowered_at = now
             self._set(self.level - 1, now, f"level {self.level - 1} keeps up ({_share(load_above)} of its pace) and "
                                            f"is predicted {above:.0f} ms < {c.exit_fraction:g} x {slo:g} ms")
         return self.level
+
+    def _hold_after_raise(self, now: float, behind: bool) -> float:
+        """How long the next lowering waits: doubled if this raise undoes a lowering within ``hold_s``,
+        ``hold_s`` if the level did not keep up, nothing for a transient backlog."""
+        c = self.config
+        if now - self._lowered_at < c.hold_s:
+            return min(max(c.hold_s, 2 * self._hold_s), max(c.hold_s, c.max_hold_s))
+        return c.hold_s if behind else 0.0
 
     def _set(self, level: int, now: float, reason: str) -> None:
         if level != self.level:

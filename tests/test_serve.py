@@ -130,7 +130,8 @@ def test_triage_on_auto_and_back():
 
     async def go():
         engine = ServingEngine(fake, BatchingConfig(max_batch_size=4, max_delay_ms=1, slo_ms=40),
-                               TriageConfig(mode="off", hold_s=0.1, enter_fraction=0.8, exit_fraction=0.5))
+                               TriageConfig(mode="off", hold_s=0.1, max_hold_s=0.2, enter_fraction=0.8,
+                                           exit_fraction=0.5))
         await engine.start()
         x = torch.tensor([[-1.0, 0.0, 0.0]])  # deferred at level 0, answered at stage 0 at level 1
         normal = (await engine.submit(x))[0]
@@ -370,13 +371,23 @@ def test_triage_controller_without_an_event_loop():
     assert c.observe(now=4.5, wait_ms=0, backlog=2) == 0        # the window has emptied: down
     assert [lv for _, lv, _ in c.changes] == [0, 1, 2, 1, 0]
     assert c.history(now=5.0)[-1]["s_ago"] == 0.5
-    assert c.observe(now=5.0, wait_ms=5, backlog=95) == 1       # a backlog with level 0 keeping up: a transient,
-    assert c.observe(now=5.05, wait_ms=5, backlog=10) == 0      # so down as soon as it is worked off, no hold
+    assert c.observe(now=6.0, wait_ms=5, backlog=95) == 1       # a backlog with level 0 keeping up: a transient,
+    assert c.observe(now=6.05, wait_ms=5, backlog=10) == 0      # so down as soon as it is worked off, no hold
     assert [lv for _, lv, _ in c.changes] == [0, 1, 2, 1, 0, 1, 0]
-    c.configure(TriageConfig(mode="on", level=7), slo_ms=100, now=7.0)  # clamped to the top level
-    assert c.level == 2 and c.observe(now=8.0, wait_ms=500) == 2
-    c.configure(TriageConfig(mode="off"), slo_ms=100, now=9.0)
-    assert c.level == 0 and c.history(now=9.0)[-1]["reason"] == "set by hand (off)"
+    # A raise within hold_s of that lowering: it came too early (a burst the rate window does not see
+    # yet), so the next lowering waits hold_s, then twice that, up to max_hold_s.
+    c.config.step_s = 0.0
+    assert c.observe(now=6.3, wait_ms=5, backlog=95) == 1        # 0.25 s after the lowering
+    assert c.observe(now=6.7, wait_ms=5, backlog=10) == 1        # hold_s (1 s) has not passed
+    assert c.observe(now=7.3, wait_ms=5, backlog=10) == 0
+    assert c.observe(now=7.4, wait_ms=5, backlog=95) == 1        # undone again: the hold doubles to 2 s
+    assert c.observe(now=9.3, wait_ms=5, backlog=10) == 1 and c.observe(now=9.4, wait_ms=5, backlog=10) == 0
+    assert c.observe(now=30.0, wait_ms=5, backlog=95) == 1       # after a calm spell: a transient again
+    assert c.observe(now=30.05, wait_ms=5, backlog=10) == 0
+    c.configure(TriageConfig(mode="on", level=7), slo_ms=100, now=31.0)  # clamped to the top level
+    assert c.level == 2 and c.observe(now=32.0, wait_ms=500) == 2
+    c.configure(TriageConfig(mode="off"), slo_ms=100, now=33.0)
+    assert c.level == 0 and c.history(now=33.0)[-1]["reason"] == "set by hand (off)"
 
 
 def test_triage_pace_fits_fixed_and_per_row_costs_per_stage():

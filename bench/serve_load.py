@@ -178,13 +178,18 @@ def overhead(url: str, grpc_port: int, model: str, entry: dict[str, Any], xs: to
             adapter.run(x)
             direct.append((time.perf_counter() - t0) * 1e3)
     rows: dict[str, list[dict[str, float]]] = {e: [] for e in encodings}
+    failed = dict.fromkeys(encodings, 0)  # answered with an error (a VM stall past the deadline): counted, not timed
     with httpx.Client(base_url=url, timeout=10) as client, grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
         infer = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=lambda b: b,
                                response_deserializer=pb.ModelInferResponse.FromString)
         for i in range(n):
             x = xs[i % len(xs)][None].numpy()
             for enc in encodings:
-                rows[enc].append(_timed_grpc(infer, model, x) if enc == "grpc" else _timed_http(client, model, x, enc))
+                try:
+                    rows[enc].append(_timed_grpc(infer, model, x) if enc == "grpc" else
+                                     _timed_http(client, model, x, enc))
+                except (httpx.HTTPStatusError, grpc.RpcError):
+                    failed[enc] += 1
     out: dict[str, Any] = {"direct_p50_ms": statistics.median(direct[n // 10:])}
     for enc, samples in rows.items():
         samples = samples[n // 10:]  # warm-up
@@ -196,7 +201,7 @@ def overhead(url: str, grpc_port: int, model: str, entry: dict[str, Any], xs: to
                     "client_p50_ms": p50(lambda q: q["client"]),
                     "engine_added_p50_ms": p50(lambda q: q["engine"] - q["model"]),
                     "server_added_p50_ms": p50(lambda q: q["server"] - q["model"]) if enc != "grpc" else None,
-                    "client_added_p50_ms": p50(lambda q: q["client"] - q["model"])}
+                    "client_added_p50_ms": p50(lambda q: q["client"] - q["model"]), "failed": failed[enc]}
     return out
 
 

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from experiments.eval import evaluate
@@ -221,3 +222,42 @@ def test_summarize_selects_on_val_only(tmp_path):
     assert a2["val_flops_cut_pct"] == pytest.approx(55.0) and a2["val_acc_delta_pts"] == pytest.approx(-0.5)
     cfg.select.max_val_drop_pts = 0.1
     assert not any(r.get("selected") for r in summarize(cfg))
+
+
+def test_distillation_loss_is_hintons():
+    from experiments.systems.distillation import distillation_loss
+
+    torch.manual_seed(0)
+    s, t, y = torch.randn(6, 5), torch.randn(6, 5), torch.randint(0, 5, (6,))
+    ce = torch.nn.functional.cross_entropy(s, y)
+    assert distillation_loss(s, t, y, temperature=3.0, alpha=0.0) == pytest.approx(float(ce))
+    assert distillation_loss(s, s, y, temperature=3.0, alpha=1.0) == pytest.approx(0.0, abs=1e-6)
+    p, q = (t / 3).softmax(1), (s / 3).softmax(1)  # KL(teacher || student) at T = 3, times T^2
+    kl = (p * (p.log() - q.log())).sum(1).mean() * 9
+    assert distillation_loss(s, t, y, temperature=3.0, alpha=0.25) == pytest.approx(float(0.25 * kl + 0.75 * ce))
+
+
+def test_distilled_run_trains_only_the_student_and_loads_as_a_classifier(train_cfg, tmp_path, capsys):
+    from experiments.runs import load_net
+
+    train(train_cfg)  # the teacher: a tiny CNN in tmp_path
+    out = tmp_path / "student"
+    cfg = shrink(compose_config("train.yaml", ["data=synthetic", "model=mlp", "distill=resnet38",
+                                               f"model.teacher.run={tmp_path}", "model.temperature=2.0"], out))
+    assert cfg.run_name == "synthetic_mlp_kd_resnet38"  # beside the label-trained run, never over it
+    record = train(cfg)
+    assert "train/loss_epoch" in record["metrics"] and "test/acc" in record["metrics"]
+    load_net(out)  # only net.* in the checkpoint: it loads as any classifier's
+    ckpt = torch.load(record["checkpoints"]["best"], weights_only=True)
+    assert not any(k.startswith(("teacher", "_teacher")) for k in ckpt["state_dict"])
+    assert ckpt["hyper_parameters"]["temperature"] == 2.0
+    bad = compose_config("train.yaml", ["data=synthetic", "model=mlp", "distill=resnet38",
+                                        f"model.teacher.run={tmp_path}", "model.alpha=1.5"], tmp_path / "bad")
+    with pytest.raises(SystemExit):  # one line for the user (exit status 2), not a traceback
+        train(shrink(bad))
+    assert "error: distillation alpha must be in [0, 1], got 1.5" in capsys.readouterr().err
+    # The teacher stays frozen and in eval mode whatever Lightning does to the module.
+    module = instantiate(cfg.model).train()
+    assert not module.teacher.training and not any(p.requires_grad for p in module.teacher.parameters())
+    assert {id(p) for p in module.parameters()} == {id(p) for p in module.net.parameters()}
+

@@ -5,7 +5,8 @@ adapters (:mod:`gating.adapters`).
 """
 
 from experiments.systems.classifier import ClassifierModule
+from experiments.systems.distillation import DistillationModule
 from experiments.systems.idk_cascade import IDKCascadeModule
 from experiments.systems.skipnet import SkipNetModule
 
-__all__ = ["ClassifierModule", "IDKCascadeModule", "SkipNetModule"]
+__all__ = ["ClassifierModule", "DistillationModule", "IDKCascadeModule", "SkipNetModule"]

@@ -124,3 +124,32 @@ def run_exits(stages: "list[StageFn]", x: State) -> "tuple[tuple[torch.Tensor, .
         rows = stay if rows is None else rows[stay]
         x = _rows(nxt, stay)
     return tuple(final), exit_stage
+
+
+class DynamicBatchCompiled(torch.nn.Module):
+    """``torch.compile`` of ``module`` with the batch dimension dynamic: the row-compacted sub-batches
+    that :func:`run_rows` and :func:`run_exits` make (any size from 1 to the full batch) reuse one
+    compiled graph instead of compiling one per size. Batch size 1 gets a graph of its own, as
+    torch.compile specialises sizes 0 and 1, so at most two are built for one input shape.
+
+    Inductor makes C++ kernels on the CPU and Triton kernels on a GPU. Parameters are the module's
+    own (``self.module``), so a state dict loads into either.
+
+    Args:
+        module: the network or stage, in eval mode for inference.
+        backend: the torch.compile backend (``inductor``; ``eager`` or ``aot_eager`` to debug).
+        mode: torch.compile's mode (``None``, ``max-autotune-no-cudagraphs``...); CUDA graphs need one
+            graph per batch size, so ``reduce-overhead`` is for fixed batches only.
+    """
+
+    def __init__(self, module: torch.nn.Module, backend: str = "inductor", mode: str | None = None) -> None:
+        super().__init__()
+        self.module = module
+        # The bound forward, not the module: compiling the module would register it a second time.
+        self._compiled = torch.compile(module.forward, backend=backend, mode=mode)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if x.shape[0] > 1:
+            # maybe_: a size-1 batch stays specialised instead of failing the dynamic-dim check.
+            torch._dynamo.maybe_mark_dynamic(x, 0)
+        return self._compiled(x, *args, **kwargs)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 import torch.nn as nn
@@ -218,3 +220,25 @@ def test_triage_levels_drop_dominated_points_and_order_by_cost_and_accuracy():
                for a, b in zip(levels[1:], levels[2:]))
     unpriced = [Point("x"), Point("y")]
     assert triage_levels(unpriced) == unpriced
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile's Inductor needs a C++ compiler on the CPU (install g++)")
+def test_compiled_stage_follows_the_batch_without_recompiling():
+    from torch._dynamo.utils import counters
+
+    from gating.execution import DynamicBatchCompiled
+    from models import create_model
+
+    torch._dynamo.reset()
+    counters.clear()
+    net = create_model("tiny_cnn", num_classes=10, in_chans=1).eval()
+    compiled = DynamicBatchCompiled(net)  # inductor: C++ kernels on the CPU
+    assert list(compiled.state_dict()) == [f"module.{k}" for k in net.state_dict()]
+    with torch.no_grad():
+        for b in (3, 5, 8, 1, 13, 2, 7, 1):  # sub-batch sizes as row compaction makes them
+            x = torch.randn(b, 1, 28, 28)
+            torch.testing.assert_close(compiled(x), net(x), rtol=1e-4, atol=1e-4)
+    # One graph for every batch size above one, one for size one: not one per size.
+    assert counters["stats"]["unique_graphs"] == 2
+    torch._dynamo.reset()

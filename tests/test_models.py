@@ -127,3 +127,29 @@ def test_cifar_resnets_take_a_norm_layer():
     assert nn.GroupNorm in kinds and nn.BatchNorm2d not in kinds  # every norm, shortcuts included
     assert net(torch.randn(2, 1, 16, 16)).shape == (2, 10)
     assert any(isinstance(m, nn.BatchNorm2d) for m in create_model("resnet20_cifar").modules())  # the default
+
+
+def test_int8_quantization_tracks_the_float_model():
+    from models.quantize import quantize_int8
+
+    torch.manual_seed(0)
+    net = create_model("resnet20_cifar", num_classes=10, in_chans=1).eval()
+    with torch.no_grad():  # give BatchNorm non-trivial statistics, so that folding it is exercised
+        net.train()
+        for _ in range(3):
+            net(torch.randn(32, 1, 28, 28))
+        net.eval()
+    calib = [torch.randn(16, 1, 28, 28) for _ in range(4)]
+    qnet = quantize_int8(net, calib)
+    x = torch.randn(64, 1, 28, 28)
+    with torch.no_grad():
+        ref, out = net(x), qnet(x)
+    assert out.dtype == torch.float32 and out.shape == ref.shape  # float in, float out
+    assert any("Quantized" in type(m).__name__ or "quantized" in type(m).__module__ for m in qnet.modules())
+    assert (out - ref).abs().max() < 0.1 * ref.abs().max()          # int8 error well under the logits' range
+    assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.9
+    assert all(torch.equal(a, b) for a, b in zip(net(x[:2]).detach(), ref[:2]))  # the float model is untouched
+    with pytest.raises(UserError, match="backend must be one of"):
+        quantize_int8(net, calib, backend="tensorrt")
+    with pytest.raises(UserError, match="at least one input batch"):
+        quantize_int8(net, [])

@@ -1,0 +1,87 @@
+"""Int8 post-training quantization against float: accuracy on the test split, weight bytes, and
+latency at each batch size with the two variants timed in interleaved rounds.
+
+    python bench/quantize.py                                        # prints the table, writes JSON
+    python bench/quantize.py output=docs/results/quantize_mnist_cpu.json
+    python bench/quantize.py 'runs={resnet38: logs/train/runs/mnist_resnet38}' 'batch_sizes=[1,64,256]'
+
+Calibration uses the val split only; the test split is scored once per variant.
+"""
+
+from __future__ import annotations
+
+import io
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+import experiments  # noqa: F401
+from experiments.report import machine_info, markdown_table, write_json
+from experiments.runs import load_net
+from experiments.utils import run_hydra, user_facing
+from gating.cost import measure_interleaved
+from models.quantize import quantize_int8
+
+
+def weight_bytes(net: torch.nn.Module) -> int:
+    """Bytes of the serialized state dict (int8 packed weights and their scales for a quantized net)."""
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    return buf.getbuffer().nbytes
+
+
+@torch.no_grad()
+def accuracy(net: torch.nn.Module, loader) -> tuple[float, torch.Tensor]:
+    preds, labels = [], []
+    for x, y in loader:
+        preds.append(net(x).argmax(1))
+        labels.append(y)
+    p, y = torch.cat(preds), torch.cat(labels)
+    return float((p == y).float().mean()), p
+
+
+def _rows(cfg: DictConfig, name: str, run: str, dm) -> list[dict]:
+    net = load_net(run).cpu().eval()
+    calib = [x for _, (x, _) in zip(range(cfg.calibration_batches), dm.val_dataloader())]
+    qnet = quantize_int8(net, calib, backend=cfg.backend)
+    acc_f, pred_f = accuracy(net, dm.test_dataloader())
+    acc_q, pred_q = accuracy(qnet, dm.test_dataloader())
+    base = {"model": name, "acc_float": acc_f, "acc_int8": acc_q, "acc_delta_pts": 100 * (acc_q - acc_f),
+            "agreement": float((pred_f == pred_q).float().mean()),
+            "weight_kib_float": weight_bytes(net) / 1024, "weight_kib_int8": weight_bytes(qnet) / 1024}
+    x_all = torch.cat([x for x, _ in dm.test_dataloader()])
+    rows = []
+    for b in cfg.batch_sizes:
+        x = x_all[:b]
+        t = measure_interleaved({"float": lambda: net(x), "int8": lambda: qnet(x)}, warmup=cfg.warmup,
+                                repeats=cfg.repeats, max_seconds=cfg.max_case_seconds)
+        rows.append({**base, "batch": b, "ms_float": t["float"].median_ms, "ms_int8": t["int8"].median_ms,
+                     "ms_float_p90": t["float"].p90_ms, "ms_int8_p90": t["int8"].p90_ms,
+                     "speedup": t["float"].median_ms / t["int8"].median_ms, "repeats": t["int8"].repeats})
+        print(markdown_table(rows[-1:], floatfmt=".4g").splitlines()[-1], flush=True)
+    return rows
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="bench/quantize.yaml")
+@user_facing
+def main(cfg: DictConfig) -> None:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("test")
+    dm.setup("fit")
+    rows = [r for name, run in cfg.runs.items() for r in _rows(cfg, name, run, dm)]
+    cols = ["model", "batch", "acc_float", "acc_int8", "acc_delta_pts", "agreement", "weight_kib_float",
+            "weight_kib_int8", "ms_float", "ms_int8", "speedup", "repeats"]
+    print("\n" + markdown_table(rows, cols, floatfmt=".4g"))
+    path = write_json(cfg.output, {"rows": rows, "machine": machine_info("cpu"), "config": {
+        "backend": cfg.backend, "calibration_batches": cfg.calibration_batches, "warmup": cfg.warmup,
+        "repeats": cfg.repeats, "max_case_seconds": cfg.max_case_seconds}})
+    print(f"\nwritten: {path}")
+
+
+if __name__ == "__main__":
+    run_hydra(main)

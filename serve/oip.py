@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 
 __all__ = ["DTYPES", "OUTPUTS", "InferRequest", "ProtocolError", "Signature", "Tensor", "array_from_raw",
            "bytes_elements", "output_tensors", "parse_json_request", "requested_outputs", "rest_response",
@@ -211,6 +212,20 @@ def _parameters(value: Any, where: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------- REST
+def _loads(head: bytes) -> Any:
+    """orjson (8x the standard library on 16 MNIST images as JSON numbers: 2.4 against 20 ms, which
+    capped the JSON benchmark's throughput); a body it refuses is parsed again by the standard library,
+    which also reads NaN literals and integers past 64 bits, so that those are refused by name below."""
+    try:
+        return orjson.loads(head)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(head)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise ProtocolError("the request body is not valid JSON") from None
+
+
 def parse_json_request(body: bytes, header_length: int | None, signature: Signature) -> InferRequest:
     """A REST ``infer`` body: JSON, or with ``Inference-Header-Content-Length`` JSON then binary tensors.
 
@@ -223,10 +238,7 @@ def parse_json_request(body: bytes, header_length: int | None, signature: Signat
         head, binary = body[:header_length], memoryview(body)[header_length:]
     else:
         head, binary = body, memoryview(b"")
-    try:
-        doc = json.loads(head)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise ProtocolError("the request body is not valid JSON") from None
+    doc = _loads(head)
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
         raise ProtocolError("the request must be a JSON object with an 'inputs' list")
     inputs, offset = [], 0

@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import experiments  # noqa: F401
+from experiments.data.base import batches_to_tensor
 from experiments.report import machine_info, markdown_table, write_json
 from experiments.runs import load_net
 from experiments.utils import run_hydra, user_facing
@@ -33,28 +34,22 @@ def weight_bytes(net: torch.nn.Module) -> int:
 
 
 @torch.no_grad()
-def accuracy(net: torch.nn.Module, loader) -> tuple[float, torch.Tensor]:
-    preds, labels = [], []
-    for x, y in loader:
-        preds.append(net(x).argmax(1))
-        labels.append(y)
-    p, y = torch.cat(preds), torch.cat(labels)
-    return float((p == y).float().mean()), p
+def predict(net: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([net(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
 
 
-def _rows(cfg: DictConfig, name: str, run: str, dm) -> list[dict]:
+def _rows(cfg: DictConfig, name: str, run: str, calib: list[torch.Tensor], x_test: torch.Tensor,
+          y_test: torch.Tensor) -> list[dict]:
     net = load_net(run).cpu().eval()
-    calib = [x for _, (x, _) in zip(range(cfg.calibration_batches), dm.val_dataloader())]
     qnet = quantize_int8(net, calib, backend=cfg.backend)
-    acc_f, pred_f = accuracy(net, dm.test_dataloader())
-    acc_q, pred_q = accuracy(qnet, dm.test_dataloader())
+    pred_f, pred_q = (predict(m, x_test, cfg.data.batch_size) for m in (net, qnet))
+    acc_f, acc_q = float((pred_f == y_test).float().mean()), float((pred_q == y_test).float().mean())
     base = {"model": name, "acc_float": acc_f, "acc_int8": acc_q, "acc_delta_pts": 100 * (acc_q - acc_f),
             "agreement": float((pred_f == pred_q).float().mean()),
             "weight_kib_float": weight_bytes(net) / 1024, "weight_kib_int8": weight_bytes(qnet) / 1024}
-    x_all = torch.cat([x for x, _ in dm.test_dataloader()])
     rows = []
     for b in cfg.batch_sizes:
-        x = x_all[:b]
+        x = x_test[:b]
         t = measure_interleaved({"float": lambda: net(x), "int8": lambda: qnet(x)}, warmup=cfg.warmup,
                                 repeats=cfg.repeats, max_seconds=cfg.max_case_seconds)
         rows.append({**base, "batch": b, "ms_float": t["float"].median_ms, "ms_int8": t["int8"].median_ms,
@@ -73,7 +68,10 @@ def main(cfg: DictConfig) -> None:
     dm.prepare_data()
     dm.setup("test")
     dm.setup("fit")
-    rows = [r for name, run in cfg.runs.items() for r in _rows(cfg, name, run, dm)]
+    # Read once for every model: calibration batches from val, the whole test split.
+    calib = [x for _, (x, _) in zip(range(cfg.calibration_batches), dm.val_dataloader())]
+    x_test, y_test = batches_to_tensor(dm.test_dataloader())
+    rows = [r for name, run in cfg.runs.items() for r in _rows(cfg, name, run, calib, x_test, y_test)]
     cols = ["model", "batch", "acc_float", "acc_int8", "acc_delta_pts", "agreement", "weight_kib_float",
             "weight_kib_int8", "ms_float", "ms_int8", "speedup", "repeats"]
     print("\n" + markdown_table(rows, cols, floatfmt=".4g"))

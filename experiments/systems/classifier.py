@@ -87,8 +87,13 @@ class ClassifierModule(LightningModule):
         self.val_acc.reset()
         self.val_acc_best.reset()
 
+    def training_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(loss, predictions, labels)`` of a training batch; systems with another training objective
+        (distillation) override this and keep the logging."""
+        return self.model_step(batch)
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss, preds, y = self.model_step(batch)
+        loss, preds, y = self.training_loss(batch)
         self.train_loss(loss)
         self.train_acc(preds, y)
         self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)

@@ -66,7 +66,7 @@ class DistillationModule(ClassifierModule):
         if self.hparams.channels_last:
             self.teacher.to(memory_format=torch.channels_last)
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+    def training_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, y = batch
         x = self._prepare(x)
         logits = self.net(x)
@@ -74,8 +74,4 @@ class DistillationModule(ClassifierModule):
             target = self.teacher(x)
         loss = distillation_loss(logits, target, y, self.hparams.temperature, self.hparams.alpha,
                                  self.hparams.label_smoothing)
-        self.train_loss(loss)
-        self.train_acc(logits.argmax(dim=1), y)
-        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
-        return loss
+        return loss, logits.argmax(dim=1), y

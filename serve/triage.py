@@ -103,9 +103,13 @@ class LevelPace:
     stages: list[StagePace] = field(default_factory=list)
     seen: list[float] = field(default_factory=list)  # rows per stage, forgotten on one clock (stage 0's batches)
     batch_ms: float | None = None
-    first_rows: int = 0   # inputs seen at stage 0 (the pace counts as measured from min_rows on)
+    first_rows: int = 0   # inputs seen at stage 0
+    first_batches: int = 0
     alpha: float = 0.05
+    # A level's own pace counts from min_batches stage-0 batches and min_rows inputs on: one batch slowed
+    # by a VM stall once stood for a level for 9 s and kept auto triage off it (gRPC, 80% of peak).
     min_rows: int = 16
+    min_batches: int = 4
 
     def record(self, stage: int, rows: int, seconds: float) -> None:
         while len(self.stages) <= stage:
@@ -118,11 +122,12 @@ class LevelPace:
         self.seen[stage] += rows
         if stage == 0:
             self.first_rows += rows
+            self.first_batches += 1
             self.batch_ms = ms if self.batch_ms is None else (1 - 4 * self.alpha) * self.batch_ms + 4 * self.alpha * ms
 
     @property
     def measured(self) -> bool:
-        return self.first_rows >= self.min_rows and self.batch_ms is not None
+        return self.first_rows >= self.min_rows and self.first_batches >= self.min_batches
 
     def _per_stage(self):
         """``(rows per input entering, fixed_ms, row_ms)`` of each stage that has run."""
@@ -215,34 +220,33 @@ class TriageController:
     def utilization(self, level: int, now: float) -> float | None:
         """Seconds of device time per second that the recent arrivals need at ``level`` in full batches
         (None: pace unknown)."""
-        known = self._pace(level)
-        if known is None:
-            return None
-        pace, scale = known
-        return self.arrival_rate(now) * pace.capacity_ms(self.batch_limit) * scale / 1e3
+        rate = self.arrival_rate(now)
+        return min((rate * pace.capacity_ms(self.batch_limit) * scale / 1e3 for pace, scale in self._paces(level)),
+                   default=None)
 
     def predicted_ms(self, level: int, wait_ms: float, backlog: int) -> float | None:
         """When the queued work would be done at ``level``: the oldest row's wait or the backlog worked
         off in full batches at the level's pace, whichever is later, plus one batch (the one running);
         None before any pace is measured."""
-        known = self._pace(level)
-        if known is None:
-            return None
-        pace, scale = known
-        return (max(wait_ms, pace.backlog_ms(backlog, self.batch_limit) * scale) + pace.batch_ms * scale)
+        return min((max(wait_ms, pace.backlog_ms(backlog, self.batch_limit) * scale) + pace.batch_ms * scale
+                    for pace, scale in self._paces(level)), default=None)
 
-    def _pace(self, level: int) -> tuple[LevelPace, float] | None:
-        """The level's measured pace, or the nearest measured level's scaled by priced cost."""
-        if self.pace[level].measured:
-            return self.pace[level], 1.0
+    def _paces(self, level: int) -> list[tuple[LevelPace, float]]:
+        """The paces ``level`` may run at, each with the factor its times are scaled by; the estimate is
+        the fastest. The level's own measured pace (else the nearest measured level's, scaled by priced
+        cost), and, as a cap, each measured costlier level's: levels are ordered by cost, so a cheaper
+        one is never slower. A level's pace is not refreshed while it is unused, and without the cap a
+        stale slow measurement blocked every lowering to it."""
         known = [k for k, q in enumerate(self.pace) if q.measured]
         if not known:
-            return None
-        k = min(known, key=lambda j: abs(j - level))
-        scale = 1.0
-        if self.costs[level] and self.costs[k]:
-            scale = self.costs[level] / self.costs[k]
-        return self.pace[k], scale
+            return []
+        if level in known:
+            own = (self.pace[level], 1.0)
+        else:
+            k = min(known, key=lambda j: abs(j - level))
+            scale = self.costs[level] / self.costs[k] if self.costs[level] and self.costs[k] else 1.0
+            own = (self.pace[k], scale)
+        return [own] + [(self.pace[k], 1.0) for k in known if k < level]
 
     def observe(self, now: float, wait_ms: float, backlog: int = 0, batch_limit: int | None = None) -> int:
         """Auto mode: take the load (the oldest queued row's wait or the front end's lag, in ms, the

@@ -390,6 +390,31 @@ def test_triage_controller_without_an_event_loop():
     assert c.level == 0 and c.history(now=33.0)[-1]["reason"] == "set by hand (off)"
 
 
+def test_auto_triage_lowers_to_a_level_measured_in_a_stall():
+    """A cheaper level measured only in a stall is taken at its costlier neighbour's pace at most: a
+    stale, slow pace kept auto triage at level 2 for 9 s of a gRPC run at 80% of peak."""
+    from serve.triage import TriageController
+
+    config = TriageConfig(mode="auto", hold_s=0.5, step_s=0.0, rate_window_s=1.0, utilization=0.9)
+    c = TriageController(config, num_levels=3, slo_ms=100, level_costs=[2.0, 1.5, 1.0], batch_limit=16)
+    for _ in range(8):
+        c.record_batch(level=0, stage=0, rows=16, seconds=0.016)    # 1 ms a row
+    c.arrive(now=0.0, rows=800)                                      # 800 inputs/s: 0.8 of level 0's pace
+    assert c.observe(now=0.5, wait_ms=40, backlog=96) == 1          # 96 + 16 ms > 100 ms: a stall
+    c.record_batch(level=1, stage=0, rows=16, seconds=0.080)        # one batch, slowed 5x by the stall
+    assert not c.pace[1].measured                                   # one batch does not make a pace
+    assert c.utilization(1, now=0.5) == pytest.approx(0.8 * 1.5 / 2)  # level 0's, scaled by priced cost
+    for _ in range(3):
+        c.record_batch(level=1, stage=0, rows=16, seconds=0.080)    # a stall long enough to measure in
+    assert c.pace[1].measured and c.utilization(1, now=0.5) == pytest.approx(0.8)  # capped by level 0
+    assert c.observe(now=0.55, wait_ms=60, backlog=96) == 2         # still behind
+    for _ in range(8):
+        c.record_batch(level=2, stage=0, rows=16, seconds=0.008)
+    c.arrive(now=1.0, rows=800)
+    assert c.observe(now=1.5, wait_ms=5, backlog=10) == 1           # level 1 keeps up (0.80 of its pace)
+    assert "level 1 keeps up (0.80 of its pace)" in c.history(now=1.5)[-1]["reason"]
+
+
 def test_triage_pace_fits_fixed_and_per_row_costs_per_stage():
     from serve.triage import LevelPace, TriageController
 

@@ -5,7 +5,8 @@ latency at each batch size with the two variants timed in interleaved rounds.
     python bench/quantize.py output=docs/results/quantize_mnist_cpu.json
     python bench/quantize.py 'runs={resnet38: logs/train/runs/mnist_resnet38}' 'batch_sizes=[1,64,256]'
 
-Calibration uses the val split only; the test split is scored once per variant.
+Calibration uses the val split only; the test split is scored once per variant. A SkipNet is quantized
+per block (gates float); its rows also give the mean number of blocks each variant executes.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from experiments.runs import load_net
 from experiments.utils import run_hydra, user_facing
 from gating.cost import measure_interleaved
 from models.quantize import quantize_int8
+from skipnet import SkipOutput
 
 
 def weight_bytes(net: torch.nn.Module) -> int:
@@ -34,17 +36,26 @@ def weight_bytes(net: torch.nn.Module) -> int:
 
 
 @torch.no_grad()
-def predict(net: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([net(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+def predict(net: torch.nn.Module, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, float | None]:
+    """Predicted labels, and for a SkipNet the mean number of blocks executed per input."""
+    labels, blocks = [], []
+    for i in range(0, len(x), batch_size):
+        out = net(x[i:i + batch_size])
+        if isinstance(out, SkipOutput):
+            blocks.append(out.executed.sum(1))
+            out = out.logits
+        labels.append(out.argmax(1))
+    return torch.cat(labels), (float(torch.cat(blocks).mean()) if blocks else None)
 
 
 def _rows(cfg: DictConfig, name: str, run: str, calib: list[torch.Tensor], x_test: torch.Tensor,
           y_test: torch.Tensor) -> list[dict]:
     net = load_net(run).cpu().eval()
     qnet = quantize_int8(net, calib, backend=cfg.backend)
-    pred_f, pred_q = (predict(m, x_test, cfg.data.batch_size) for m in (net, qnet))
+    (pred_f, blocks_f), (pred_q, blocks_q) = (predict(m, x_test, cfg.data.batch_size) for m in (net, qnet))
     acc_f, acc_q = float((pred_f == y_test).float().mean()), float((pred_q == y_test).float().mean())
     base = {"model": name, "acc_float": acc_f, "acc_int8": acc_q, "acc_delta_pts": 100 * (acc_q - acc_f),
+            "blocks_float": blocks_f, "blocks_int8": blocks_q,
             "agreement": float((pred_f == pred_q).float().mean()),
             "weight_kib_float": weight_bytes(net) / 1024, "weight_kib_int8": weight_bytes(qnet) / 1024}
     rows = []
@@ -72,7 +83,8 @@ def main(cfg: DictConfig) -> None:
     calib = [x for _, (x, _) in zip(range(cfg.calibration_batches), dm.val_dataloader())]
     x_test, y_test = batches_to_tensor(dm.test_dataloader())
     rows = [r for name, run in cfg.runs.items() for r in _rows(cfg, name, run, calib, x_test, y_test)]
-    cols = ["model", "batch", "acc_float", "acc_int8", "acc_delta_pts", "agreement", "weight_kib_float",
+    cols = ["model", "batch", "acc_float", "acc_int8", "acc_delta_pts", "agreement", "blocks_float", "blocks_int8",
+            "weight_kib_float",
             "weight_kib_int8", "ms_float", "ms_int8", "speedup", "repeats"]
     print("\n" + markdown_table(rows, cols, floatfmt=".4g"))
     path = write_json(cfg.output, {"rows": rows, "machine": machine_info("cpu"), "config": {

@@ -7,6 +7,12 @@ FX graph mode (``torch.ao.quantization.quantize_fx``): BatchNorm folds into the 
 fuse into them, and observers placed by the backend's default qconfig mapping (per-channel weights,
 histogram activations for ``x86``) are calibrated on a few batches (the val split, never test). The
 result runs on the CPU's int8 kernels (FBGEMM/oneDNN on x86, QNNPACK on ARM); it has no GPU path.
+
+A SkipNet's gated forward does not trace as a whole (each decision is data-dependent), so it is
+quantized block by block: each residual block, and the projection shortcut a skipped block still
+runs, becomes an int8 module with float input and output, calibrated on the inputs that block sees
+under the float network's own decisions. The gates, the stem (one small convolution) and the head
+stay float, and the execution engine skips int8 blocks as it skips float ones.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from gating.errors import UserError
+from skipnet.models import SkipResNet
 
 __all__ = ["QUANT_BACKENDS", "quantize_int8"]
 
@@ -30,29 +37,67 @@ def quantize_int8(net: nn.Module, calibration: Iterable[torch.Tensor], backend: 
 
     Args:
         net: a float model whose forward FX can trace (no data-dependent Python control flow: plain
-            classifiers and cascade stages; SkipNet's gated forward is not traceable as a whole).
+            classifiers and cascade stages), or a :class:`skipnet.SkipResNet` (quantized per block).
         calibration: input batches (``[B, C, H, W]`` floats) whose activation ranges set the scales.
         backend: ``x86`` (default; FBGEMM or oneDNN kernels), ``fbgemm`` or ``qnnpack`` (ARM).
     """
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
     if backend not in QUANT_BACKENDS:
         raise UserError(f"quantization backend must be one of {', '.join(QUANT_BACKENDS)}, got {backend!r}")
     if backend not in torch.backends.quantized.supported_engines:
         raise UserError(f"this torch build has no {backend!r} quantized engine "
                         f"(it has {', '.join(torch.backends.quantized.supported_engines)})")
     torch.backends.quantized.engine = backend
-    batches = iter(calibration)
-    first = next(batches, None)
-    if first is None:
+    batches = [x.cpu() for x in calibration]
+    if not batches:
         raise UserError("int8 calibration needs at least one input batch")
     float_net = copy.deepcopy(net).cpu().eval()
+    if isinstance(float_net, SkipResNet):
+        return _quantize_skipnet(float_net, batches, backend)
+    return _quantize_traced(float_net, batches, backend)
+
+
+def _quantize_traced(float_net: nn.Module, batches: list[torch.Tensor], backend: str) -> nn.Module:
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
     try:
-        prepared = prepare_fx(float_net, get_default_qconfig_mapping(backend), (first,))
+        # A copy: fusing folds BatchNorm into the module it is given (a block shares its shortcut).
+        prepared = prepare_fx(copy.deepcopy(float_net), get_default_qconfig_mapping(backend), (batches[0],))
     except Exception as e:  # torch.fx's trace errors name the unsupported construct
-        raise UserError(f"{type(net).__name__} cannot be traced for int8 quantization: {e}") from e
-    prepared(first)
+        raise UserError(f"{type(float_net).__name__} cannot be traced for int8 quantization: {e}") from e
     for x in batches:
         prepared(x)
     return convert_fx(prepared)
+
+
+class Int8Block(nn.Module):
+    """A residual block quantized whole, with its projection shortcut (what a skipped block runs)
+    quantized on its own; float in, float out."""
+
+    def __init__(self, body: nn.Module, downsample: nn.Module | None) -> None:
+        super().__init__()
+        self.body, self.downsample = body, downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def _quantize_skipnet(net: SkipResNet, batches: list[torch.Tensor], backend: str) -> SkipResNet:
+    """Each block of ``net`` (a float copy, changed in place) replaced by an :class:`Int8Block`."""
+    blocks = net.blocks()
+    seen: list[list[torch.Tensor]] = [[] for _ in blocks]
+    hooks = [b.register_forward_pre_hook(lambda _m, args, k=k: seen[k].append(args[0].clone()))
+             for k, b in enumerate(blocks)]
+    try:
+        for x in batches:  # masked: every block sees every row, as the float decisions leave it
+            net(x, mode="greedy", execution="masked")
+    finally:
+        for h in hooks:
+            h.remove()
+    new = []
+    for block, inputs in zip(blocks, seen):
+        ds = getattr(block, "downsample", None)
+        new.append(Int8Block(_quantize_traced(block, inputs, backend),
+                             None if ds is None else _quantize_traced(ds, inputs, backend)))
+    net.replace_blocks(new)
+    return net

@@ -93,6 +93,18 @@ class SkipResNet(nn.Module):
     def blocks(self) -> list[nn.Module]:
         return self._blocks
 
+    def replace_blocks(self, new: list[nn.Module]) -> None:
+        """Put ``new[i]`` in block ``i``'s place, in the backbone too (a compressed copy of each block).
+        A replacement keeps its block's interface: ``forward`` and ``downsample`` (the shortcut)."""
+        if len(new) != self.num_blocks:
+            raise ValueError(f"replace_blocks needs {self.num_blocks} blocks, got {len(new)}")
+        swap = dict(zip(map(id, self._blocks), new))
+        for parent in list(self.backbone.modules()):
+            for name, child in list(parent.named_children()):
+                if id(child) in swap:
+                    setattr(parent, name, swap[id(child)])
+        self._blocks = list(new)
+
     def forward(
         self,
         x: torch.Tensor,

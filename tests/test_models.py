@@ -153,3 +153,33 @@ def test_int8_quantization_tracks_the_float_model():
         quantize_int8(net, calib, backend="tensorrt")
     with pytest.raises(UserError, match="at least one input batch"):
         quantize_int8(net, [])
+
+
+def test_int8_skipnet_is_quantized_per_block_and_still_skips():
+    from models.quantize import Int8Block, quantize_int8
+
+    torch.manual_seed(0)
+    net = create_model("skipnet20_cifar", num_classes=10, in_chans=1).eval()
+    with torch.no_grad():
+        net.train()
+        for _ in range(3):
+            net(torch.randn(32, 1, 28, 28), mode="hard_st", execution="masked")
+        net.eval()
+    qnet = quantize_int8(net, [torch.randn(16, 1, 28, 28) for _ in range(4)])
+    assert all(isinstance(b, Int8Block) for b in qnet.blocks()) and qnet.blocks()[3].downsample is not None
+    assert not any(isinstance(b, Int8Block) for b in net.blocks())  # the float model is untouched
+    assert [id(b) for b in qnet.blocks()] == [id(b) for b in qnet.backbone.blocks()]  # the backbone's too
+    x = torch.randn(32, 1, 28, 28)
+    actions = (torch.rand(32, qnet.num_blocks) < 0.5).float()
+    for a in (actions, torch.zeros_like(actions)):  # the same decisions: int8 logits track float ones
+        with torch.no_grad():                      # (all closed runs the int8 projection shortcuts)
+            ref, out = net(x, actions=a).logits, qnet(x, actions=a).logits
+        assert (out - ref).abs().max() < 0.1 * ref.abs().max()
+        assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.9
+    with torch.no_grad():  # its own decisions: the batched and the batch-1 paths agree
+        thr = float(qnet(x[:6]).probs.median())  # untrained gates: a threshold that opens about half
+        whole = qnet(x[:6], threshold=thr)
+        ones = [qnet(x[i:i + 1], threshold=thr) for i in range(6)]
+    assert torch.equal(whole.executed, torch.cat([o.executed for o in ones]))
+    assert torch.allclose(whole.logits, torch.cat([o.logits for o in ones]), atol=1e-4)
+    assert 0 < float(whole.executed[:, 1:].mean()) < 1  # the gates do skip some blocks

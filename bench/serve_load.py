@@ -8,8 +8,8 @@ own overhead, Poisson load at 80% of peak, and a 2x burst with triage off and au
 The server runs as its own process (``python -m experiments.serve``) on loopback and the load comes from
 this one, so client and server do not share an interpreter. On a 2-core machine they still share the
 cores; the JSON records the machine. Peak throughput is the highest Poisson rate whose SLO attainment is
-at least ``peak_attainment`` in ``peak_probes`` runs of ``probe_s`` seconds, with at most ``peak_retries``
-runs missing it.
+at least ``peak_attainment`` in ``peak_probes`` runs of ``probe_s`` seconds and over all its runs together,
+with at most ``peak_retries`` runs missing it.
 """
 
 from __future__ import annotations
@@ -109,19 +109,21 @@ def find_peak(url: str, model: str, xs: list, ys: list, cfg: DictConfig) -> tupl
     probes: list[dict[str, Any]] = []
 
     def passes(rate: float) -> bool:
-        # Sustained: cfg.peak_probes probes must hold the objective. (Passing one probe of two overstated
-        # the peak: 80% of it then missed the Poisson target in 2 runs of 3.) Up to cfg.peak_retries
-        # probes may miss first: one VM stall once failed a rate that later carried a 2x burst, and
-        # halved the peak the Poisson and burst loads are set from.
-        held = missed = 0
+        # Sustained: cfg.peak_probes probes must hold the objective (passing one probe of two overstated
+        # the peak: 80% of it then missed the Poisson target in 2 runs of 3), and so must all the rate's
+        # probes pooled. Up to cfg.peak_retries probes may miss: one VM stall once failed a rate that
+        # later carried a 2x burst, and halved the peak the loads are set from. Pooling keeps a deep
+        # miss from being retried away (a JSON rate at 99.5, 94.4 and 100% overstated the peak).
+        held = missed = ok = sent = 0
         while held < cfg.peak_probes:
             rep = load(url, model, xs, ys, poisson_arrivals(rate, cfg.probe_s, seed=len(probes)), cfg)
             probes.append({"rate": rate, **rep})
+            ok, sent = ok + rep["slo_attainment"] * rep["sent"], sent + rep["sent"]
             if rep["slo_attainment"] >= cfg.peak_attainment:
                 held += 1
             elif (missed := missed + 1) > cfg.peak_retries:
                 return False
-        return True
+        return ok >= cfg.peak_attainment * sent
 
     load(url, model, xs, ys, poisson_arrivals(cfg.start_rate, 3.0, seed=123), cfg)  # warm-up
     lo, hi, rate = 0.0, None, float(cfg.start_rate)

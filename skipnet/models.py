@@ -196,19 +196,19 @@ class SkipResNet(nn.Module):
         forced = actions[0].tolist() if actions is not None else None
         thr_logit = threshold_logit(threshold)
         x = self.backbone.stem(x)
-        state = self.gate.initial_state(1, x.device)
+        state = None  # the gate's first step starts its own state
         x = self._blocks[0](x)
         runs, logits = [1.0], []
         for i in range(1, self.num_blocks):
             if forced is None or run_gates:
-                logit, state = self.gate(x, i - 1, state)
+                logit, state = self.gate.logit_one(x, i - 1, state)
                 logits.append(logit)
-            run = forced[i] > 0.5 if forced is not None else logit.item() > thr_logit
+            run = forced[i] > 0.5 if forced is not None else logit > thr_logit
             block = self._blocks[i]
             x = block(x) if run else shortcut(block, x)
             runs.append(1.0 if run else 0.0)
         executed = torch.tensor([runs], dtype=x.dtype, device=x.device)
-        probs = torch.sigmoid(torch.stack(logits, 1)) if logits else executed[:, 1:]
+        probs = torch.sigmoid(torch.tensor([logits], dtype=x.dtype, device=x.device)) if logits else executed[:, 1:]
         return SkipOutput(self.backbone.forward_head(x), executed, probs, None)
 
     @staticmethod

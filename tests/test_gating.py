@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -242,3 +243,25 @@ def test_compiled_stage_follows_the_batch_without_recompiling():
     # One graph for every batch size above one, one for size one: not one per size.
     assert counters["stats"]["unique_graphs"] == 2
     torch._dynamo.reset()
+
+
+def test_rnn_gate_logit_one_is_its_forward_step_for_one_input():
+    """The batch-1 step (NumPy on the CPU) threads its state and gives the forward's logits."""
+    torch.manual_seed(0)
+    gate = RNNGate(channels=[16, 16, 32]).eval()
+    xs = [torch.randn(1, 16, 8, 8), torch.randn(1, 16, 8, 8), torch.randn(1, 32, 4, 4)]
+    state, one_state = gate.initial_state(1, torch.device("cpu")), None
+    with torch.no_grad():
+        for k, x in enumerate(xs):
+            before = one_state
+            logit, state = gate(x, k, state)
+            one, one_state = gate.logit_one(x, k, one_state)
+            assert isinstance(one, float) and one == pytest.approx(float(logit), abs=1e-5)
+            assert np.allclose(one_state[0], state[0][0].numpy(), atol=1e-6)
+    one, grad_state = gate.logit_one(xs[2], 2, before)  # with autograd on: the torch step, same logit
+    assert isinstance(grad_state[0], torch.Tensor) and one == pytest.approx(float(logit), abs=1e-5)
+    with torch.no_grad():  # weights changed in place (an optimizer step, a loaded state dict) show through
+        gate.load_state_dict({k: v * 1.5 for k, v in gate.state_dict().items()})
+        gate.sharpen(0.5)
+        assert gate.logit_one(xs[2], 2, before)[0] == pytest.approx(float(gate(xs[2], 2, tuple(
+            torch.from_numpy(s).unsqueeze(0) for s in before))[0]), abs=1e-5)

@@ -202,9 +202,10 @@ def test_finetune_stage_freezes_the_gates(tmp_path):
     assert not torch.equal(before["net.backbone.fc.weight"], after["net.backbone.fc.weight"])
 
 
-def test_batch_one_fast_path_takes_the_same_decisions():
+@pytest.mark.parametrize("gate", ["rnn", "ffgate1"])
+def test_batch_one_fast_path_takes_the_same_decisions(gate):
     torch.manual_seed(0)
-    net = create_model("skipnet38_cifar", in_chans=1).eval()
+    net = create_model("skipnet38_cifar", in_chans=1, gate=gate).eval()
     with torch.no_grad():
         for p in net.gate.parameters():
             p.mul_(3.0)
@@ -214,7 +215,7 @@ def test_batch_one_fast_path_takes_the_same_decisions():
             one = net(x[i : i + 1])
             assert torch.equal(one.executed, batched.executed[i : i + 1])
             assert torch.allclose(one.logits, batched.logits[i : i + 1], atol=1e-4)
-            assert torch.allclose(one.probs, batched.probs[i : i + 1], atol=1e-6)
+            assert torch.allclose(one.probs, batched.probs[i : i + 1], atol=1e-5)
     assert 0 < batched.executed[:, 1:].mean() < 1
 
 

@@ -1,0 +1,83 @@
+"""Batch-1 latency of a SkipNet against its plain ResNet, per test input, gates included.
+
+    python bench/batch1.py                                          # prints the table, writes JSON
+    python bench/batch1.py output=docs/results/batch1_mnist_cpu.json
+    python bench/batch1.py device=cuda
+
+For every test input, one call of each variant, interleaved (so that machine drift hits them alike):
+
+- ``resnet``: the plain ResNet run (its own training run);
+- ``skipnet``: the SkipNet with its own greedy decisions, gates included;
+- ``skipnet_all_on``: the SkipNet with every block forced on and its gates still run (what the gates
+  and the per-block decisions cost on top of the backbone);
+- ``backbone``: the SkipNet's own backbone as a plain network (no gates, no decisions);
+- ``skipnet_no_gates``: the SkipNet's own decisions replayed with the gates not run (the blocks alone).
+
+Medians and p90 over the inputs; ratios of medians.
+"""
+
+from __future__ import annotations
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+import experiments  # noqa: F401
+from experiments.data.base import batches_to_tensor
+from experiments.report import machine_info, markdown_table, pick_device, write_json
+from experiments.runs import load_net
+from experiments.utils import run_hydra, user_facing
+from gating.cost import LatencyStats, measure_interleaved
+
+
+def _variants(resnet, skipnet, xi: torch.Tensor, own: torch.Tensor, all_on: torch.Tensor) -> dict:
+    return {"resnet": lambda: resnet(xi), "skipnet": lambda: skipnet(xi),
+            "skipnet_all_on": lambda: skipnet(xi, actions=all_on),
+            "backbone": lambda: skipnet.backbone(xi),
+            "skipnet_no_gates": lambda: skipnet(xi, actions=own, run_gates=False)}
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="bench/batch1.yaml")
+@user_facing
+def main(cfg: DictConfig) -> None:
+    device = pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("test")
+    x_test, _ = batches_to_tensor(dm.test_dataloader())
+    x_test = x_test[: cfg.n_inputs].to(device) if cfg.n_inputs else x_test.to(device)
+    resnet, skipnet = (load_net(r).to(device).eval() for r in (cfg.resnet_run, cfg.skipnet_run))
+    all_on = torch.ones(1, skipnet.num_blocks, device=device)
+    samples: dict[str, list[float]] = {}
+    executed = []
+    with torch.no_grad():
+        for i in range(len(x_test)):
+            xi = x_test[i:i + 1]
+            own = skipnet(xi).executed
+            executed.append(own)
+            fns = _variants(resnet, skipnet, xi, own, all_on)
+            for name, stats in measure_interleaved(fns, device, warmup=1 if i < cfg.warmup else 0, repeats=1).items():
+                samples.setdefault(name, []).append(stats.median_ms)  # one call: its time
+    stats = {k: LatencyStats.from_samples(v, str(device)) for k, v in samples.items()}
+    med = {k: s.median_ms for k, s in stats.items()}
+    rows = [{"variant": k, "median_ms": s.median_ms, "p90_ms": s.p90_ms, "vs_resnet": med["resnet"] / s.median_ms,
+             "n": len(samples[k])} for k, s in stats.items()]
+    ratios = {"skipnet_speedup_over_resnet": med["resnet"] / med["skipnet"],
+              "all_on_over_resnet": med["skipnet_all_on"] / med["resnet"],
+              "all_on_over_backbone": med["skipnet_all_on"] / med["backbone"],
+              "gates_ms": med["skipnet"] - med["skipnet_no_gates"],
+              "blocks_executed_mean": float(torch.cat(executed).sum(1).float().mean()),
+              "num_blocks": skipnet.num_blocks}
+    print(markdown_table(rows, floatfmt=".4g"))
+    print("\n" + "  ".join(f"{k}={v:.4g}" for k, v in ratios.items()))
+    path = write_json(cfg.output, {"rows": rows, "ratios": ratios, "machine": machine_info(device),
+                                   "config": {"resnet_run": cfg.resnet_run, "skipnet_run": cfg.skipnet_run,
+                                              "n_inputs": len(x_test), "threads": torch.get_num_threads()}})
+    print(f"\nwritten: {path}")
+
+
+if __name__ == "__main__":
+    run_hydra(main)

@@ -11,8 +11,6 @@ per block (gates float); its rows also give the mean number of blocks each varia
 
 from __future__ import annotations
 
-import io
-
 import hydra
 import torch
 from hydra.utils import instantiate
@@ -23,16 +21,18 @@ from experiments.data.base import batches_to_tensor
 from experiments.report import machine_info, markdown_table, write_json
 from experiments.runs import load_net
 from experiments.utils import run_hydra, user_facing
-from gating.cost import measure_interleaved
+from gating.cost import measure_interleaved, model_cost
 from models.quantize import quantize_int8
 from skipnet import SkipOutput
 
 
-def weight_bytes(net: torch.nn.Module) -> int:
-    """Bytes of the serialized state dict (int8 packed weights and their scales for a quantized net)."""
-    buf = io.BytesIO()
-    torch.save(net.state_dict(), buf)
-    return buf.getbuffer().nbytes
+def mean_cost(net: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Float GFLOPs and int8 GOPs per input, averaged over the inputs of ``x`` one at a time (a SkipNet's
+    work depends on the input), with params and weight bytes."""
+    costs = [model_cost(net, x[i:i + 1]) for i in range(len(x))]
+    n = len(costs)
+    return {"gflops": sum(c.gflops for c in costs) / n, "int8_gops": sum(c.int8_gops for c in costs) / n,
+            "params": costs[0].params, "weight_kib": costs[0].weight_bytes / 1024}
 
 
 @torch.no_grad()
@@ -57,7 +57,8 @@ def _rows(cfg: DictConfig, name: str, run: str, calib: list[torch.Tensor], x_tes
     base = {"model": name, "acc_float": acc_f, "acc_int8": acc_q, "acc_delta_pts": 100 * (acc_q - acc_f),
             "blocks_float": blocks_f, "blocks_int8": blocks_q,
             "agreement": float((pred_f == pred_q).float().mean()),
-            "weight_kib_float": weight_bytes(net) / 1024, "weight_kib_int8": weight_bytes(qnet) / 1024}
+            **{f"{k}_{kind}": v for kind, m in (("float", net), ("int8", qnet))
+               for k, v in mean_cost(m, x_test[:cfg.cost_inputs]).items()}}
     rows = []
     for b in cfg.batch_sizes:
         x = x_test[:b]
@@ -84,7 +85,7 @@ def main(cfg: DictConfig) -> None:
     x_test, y_test = batches_to_tensor(dm.test_dataloader())
     rows = [r for name, run in cfg.runs.items() for r in _rows(cfg, name, run, calib, x_test, y_test)]
     cols = ["model", "batch", "acc_float", "acc_int8", "acc_delta_pts", "agreement", "blocks_float", "blocks_int8",
-            "weight_kib_float",
+            "gflops_float", "gflops_int8", "int8_gops_int8", "weight_kib_float",
             "weight_kib_int8", "ms_float", "ms_int8", "speedup", "repeats"]
     print("\n" + markdown_table(rows, cols, floatfmt=".4g"))
     path = write_json(cfg.output, {"rows": rows, "machine": machine_info("cpu"), "config": {

@@ -12,6 +12,8 @@ shortcut of a downsampling block). :class:`CostTable` holds those numbers, measu
 
 from __future__ import annotations
 
+import io
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -24,18 +26,22 @@ from torch.utils.flop_counter import FlopCounterMode
 __all__ = [
     "CostTable",
     "LatencyStats",
+    "ModelCost",
     "analytic_flops",
     "block_modules",
     "build_cost_table",
     "conv2d_flops",
     "count_flops",
     "flops_by_module",
+    "int8_ops",
+    "model_cost",
     "linear_flops",
     "measure_interleaved",
     "measure_latency",
     "profile_blocks",
     "stage_flops",
     "StageCosts",
+    "weight_bytes",
 ]
 
 
@@ -112,6 +118,105 @@ def analytic_flops(model: nn.Module, *inputs: Any) -> int:
         for h in handles:
             h.remove()
     return total
+
+
+def _quantized_kinds() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """The int8 convolution and linear module types (their fused ReLU variants subclass them)."""
+    import torch.ao.nn.quantized as nnq
+
+    return (nnq.Conv1d, nnq.Conv2d, nnq.Conv3d), (nnq.Linear,)
+
+
+def int8_ops(model: nn.Module, *inputs: Any, forward: Callable[..., Any] | None = None) -> int:
+    """Integer operations of one call ``model(*inputs)`` (or ``forward(*inputs)``, calling into ``model``):
+    2 per int8 multiply-add of the quantized convolutions and linears that run (forward hooks, so a
+    skipped block counts nothing).
+
+    :class:`~torch.utils.flop_counter.FlopCounterMode` does not see these ops at all, so a quantized
+    model's :func:`count_flops` is only what it still computes in float; the two together are its cost.
+    """
+    convs, linears = _quantized_kinds()
+    total = 0
+
+    def conv_hook(m: nn.Module, args, out: torch.Tensor) -> None:
+        nonlocal total
+        k = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size,)
+        macs_per_out = (m.in_channels // m.groups) * math.prod(k)
+        total += 2 * macs_per_out * out.numel()
+
+    def linear_hook(m: nn.Module, args, out: torch.Tensor) -> None:
+        nonlocal total
+        total += linear_flops(m.in_features, m.out_features, rows=out.numel() // m.out_features)
+
+    handles = [m.register_forward_hook(conv_hook if isinstance(m, convs) else linear_hook)
+               for m in model.modules() if isinstance(m, convs + linears)]
+    try:
+        with torch.no_grad():
+            (forward or model)(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the serialized state dict: what a checkpoint or a replica holds (int8 weights and their
+    scales for a quantized model, float ones otherwise; BatchNorm statistics included)."""
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.getbuffer().nbytes
+
+
+def _num_params(model: nn.Module) -> int:
+    """Weights and biases, float or packed int8 (quantized modules keep theirs outside ``parameters()``)."""
+    convs, linears = _quantized_kinds()
+    total = sum(p.numel() for p in model.parameters())
+    for m in model.modules():
+        if isinstance(m, convs + linears):
+            weight, bias = m.weight(), m.bias()
+            total += weight.numel() + (bias.numel() if bias is not None else 0)
+    return total
+
+
+@dataclass
+class ModelCost:
+    """One model's cost on one axis: float and int8 work per input, size, and measured latency.
+
+    Attributes:
+        gflops: float FLOPs per input (what still runs in float in a quantized model).
+        int8_gops: int8 operations per input (2 per multiply-add), 0 for a float model.
+        params: weights and biases.
+        weight_bytes: bytes of the serialized state dict.
+        latency_ms: median latency by batch size (per call, not per input), if measured.
+    """
+
+    gflops: float
+    int8_gops: float
+    params: int
+    weight_bytes: int
+    latency_ms: dict[int, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"gflops_per_img": self.gflops, "int8_gops_per_img": self.int8_gops, "params": self.params,
+               "weight_bytes": self.weight_bytes}
+        out.update({f"latency_ms_b{b}": ms for b, ms in self.latency_ms.items()})
+        return out
+
+
+def model_cost(model: nn.Module, example: torch.Tensor, batch_sizes: Sequence[int] = (),
+               repeats: int = 20, max_seconds: float | None = 10.0) -> ModelCost:
+    """The cost of ``model`` on ``example`` (one input, ``[1, ...]``), and its latency at each of
+    ``batch_sizes`` (the example repeated). A conditional model's work depends on the input: this is the
+    cost of this one (the evaluator gives it per test input)."""
+    model.eval()
+    n = example.shape[0]
+    latency = {}
+    for b in batch_sizes:
+        xb = example.repeat(b, *([1] * (example.ndim - 1)))
+        latency[b] = measure_latency(lambda xb=xb: model(xb), example.device, warmup=3, repeats=repeats,
+                                     max_seconds=max_seconds).median_ms
+    return ModelCost(gflops=count_flops(model, example) / n / 1e9, int8_gops=int8_ops(model, example) / n / 1e9,
+                     params=_num_params(model), weight_bytes=weight_bytes(model), latency_ms=latency)
 
 
 # ----------------------------------------------------------------------------------------- cost table

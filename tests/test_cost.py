@@ -176,3 +176,26 @@ def test_cifar_resnet110_flops_by_hand():
     head = linear_flops(64, 10)
     net = create_model("resnet110_cifar", num_classes=10, in_chans=3)
     assert count_flops(net, torch.randn(1, 3, 32, 32)) == stem + stage1 + stage2 + stage3 + head == 506_299_648
+
+
+def test_model_cost_counts_int8_work_apart_from_float_flops():
+    from gating.cost import analytic_flops, int8_ops, model_cost
+    from models import create_model
+    from models.quantize import quantize_int8
+
+    torch.manual_seed(0)
+    net = create_model("resnet20_cifar", num_classes=10, in_chans=1).eval()
+    x = torch.randn(1, 1, 28, 28)
+    qnet = quantize_int8(net, [torch.randn(8, 1, 28, 28)])
+    f, q = model_cost(net, x, batch_sizes=(1, 4), repeats=3), model_cost(qnet, x)
+    assert f.int8_gops == 0 and f.gflops * 1e9 == analytic_flops(net, x)
+    assert q.gflops == 0 and q.int8_gops * 1e9 == analytic_flops(net, x)  # same convs and fc, now in int8
+    assert int8_ops(qnet, torch.randn(3, 1, 28, 28)) == 3 * q.int8_gops * 1e9  # per input, exactly
+    assert 0.95 * f.params < q.params <= f.params and q.weight_bytes < f.weight_bytes / 2.5
+    assert set(f.latency_ms) == {1, 4} and all(ms > 0 for ms in f.latency_ms.values()) and q.latency_ms == {}
+    assert set(f.to_dict()) >= {"gflops_per_img", "int8_gops_per_img", "params", "weight_bytes", "latency_ms_b1"}
+    skip = create_model("skipnet20_cifar", num_classes=10, in_chans=1).eval()
+    qskip = quantize_int8(skip, [torch.randn(8, 1, 28, 28)])
+    on, off = torch.ones(1, skip.num_blocks), torch.zeros(1, skip.num_blocks)
+    ops_on, ops_off = (int8_ops(qskip, x, forward=lambda inp, a=a: qskip(inp, actions=a)) for a in (on, off))
+    assert 0 < ops_off < ops_on  # a skipped block's int8 work is not counted (its int8 shortcut is)

@@ -133,8 +133,8 @@ class RNNGate(nn.Module):
         """The logit for a batch of one, as a Python number, with the state as NumPy arrays on the CPU.
 
         On the CPU, after the pooling, the step is a few 10-wide NumPy products: inside a network at
-        batch 1 the same ops as torch calls (embedding, LSTM cell, projection) took about 130 us per
-        gate, 17 gates 2.9 ms against 10.9 ms for SkipNet-38's blocks. Elsewhere, or with autograd on,
+        batch 1 the same ops as torch calls (embedding, LSTM cell, projection) took about 170 us per
+        gate, 17 gates 2.9 ms against 10.9 ms for SkipNet-38's 18 blocks. Elsewhere, or with autograd on,
         it is :meth:`forward` and one host synchronisation; so it is while a dispatch mode watches the
         ops (FLOP counting, tracing), which would not see NumPy's.
         """

@@ -18,7 +18,7 @@ stay float, and the execution engine skips int8 blocks as it skips float ones.
 from __future__ import annotations
 
 import copy
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -56,15 +56,22 @@ def quantize_int8(net: nn.Module, calibration: Iterable[torch.Tensor], backend: 
     return _quantize_traced(float_net, batches, backend)
 
 
-def _quantize_traced(float_net: nn.Module, batches: list[torch.Tensor], backend: str) -> nn.Module:
+def _prepare(float_net: nn.Module, example: torch.Tensor, backend: str) -> nn.Module:
+    """``float_net`` traced with observers (on a copy: fusing folds BatchNorm into the module it is given,
+    and a block shares its shortcut)."""
     from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    from torch.ao.quantization.quantize_fx import prepare_fx
 
     try:
-        # A copy: fusing folds BatchNorm into the module it is given (a block shares its shortcut).
-        prepared = prepare_fx(copy.deepcopy(float_net), get_default_qconfig_mapping(backend), (batches[0],))
+        return prepare_fx(copy.deepcopy(float_net), get_default_qconfig_mapping(backend), (example,))
     except Exception as e:  # torch.fx's trace errors name the unsupported construct
         raise UserError(f"{type(float_net).__name__} cannot be traced for int8 quantization: {e}") from e
+
+
+def _quantize_traced(float_net: nn.Module, batches: list[torch.Tensor], backend: str) -> nn.Module:
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    prepared = _prepare(float_net, batches[0], backend)
     for x in batches:
         prepared(x)
     return convert_fx(prepared)
@@ -83,21 +90,39 @@ class Int8Block(nn.Module):
 
 
 def _quantize_skipnet(net: SkipResNet, batches: list[torch.Tensor], backend: str) -> SkipResNet:
-    """Each block of ``net`` (a float copy, changed in place) replaced by an :class:`Int8Block`."""
+    """Each block of ``net`` (a float copy, changed in place) replaced by an :class:`Int8Block`.
+
+    Calibration streams: each block's observers see its inputs as the float network runs (masked, so
+    every block sees every row under the float decisions), and no activations are kept.
+    """
+    from torch.ao.quantization.quantize_fx import convert_fx
+
     blocks = net.blocks()
-    seen: list[list[torch.Tensor]] = [[] for _ in blocks]
-    hooks = [b.register_forward_pre_hook(lambda _m, args, k=k: seen[k].append(args[0].clone()))
-             for k, b in enumerate(blocks)]
-    try:
-        for x in batches:  # masked: every block sees every row, as the float decisions leave it
-            net(x, mode="greedy", execution="masked")
-    finally:
-        for h in hooks:
-            h.remove()
-    new = []
-    for block, inputs in zip(blocks, seen):
+    first: list[torch.Tensor | None] = [None] * len(blocks)
+    observed: list[tuple[nn.Module, nn.Module | None]] = []
+
+    def keep_first(k: int, x: torch.Tensor) -> None:
+        if first[k] is None:
+            first[k] = x[:1].clone()
+
+    def observe(k: int, x: torch.Tensor) -> None:
+        for prepared in observed[k]:
+            if prepared is not None:
+                prepared(x)
+
+    def run(hook: Callable[[int, torch.Tensor], None], xs: list[torch.Tensor]) -> None:
+        handles = [b.register_forward_pre_hook(lambda _m, args, k=k: hook(k, args[0])) for k, b in enumerate(blocks)]
+        try:
+            for x in xs:
+                net(x, mode="greedy", execution="masked")
+        finally:
+            for h in handles:
+                h.remove()
+
+    run(keep_first, batches[:1])  # one row per block: the example each trace needs
+    for block, example in zip(blocks, first):
         ds = getattr(block, "downsample", None)
-        new.append(Int8Block(_quantize_traced(block, inputs, backend),
-                             None if ds is None else _quantize_traced(ds, inputs, backend)))
-    net.replace_blocks(new)
+        observed.append((_prepare(block, example, backend), None if ds is None else _prepare(ds, example, backend)))
+    run(observe, batches)
+    net.replace_blocks([Int8Block(convert_fx(body), None if ds is None else convert_fx(ds)) for body, ds in observed])
     return net

@@ -72,8 +72,12 @@ def start_server(cfg: DictConfig, port: int, grpc_port: int) -> subprocess.Popen
            f"batching.max_delay_ms={cfg.max_delay_ms}", f"paths.log_dir={cfg.paths.log_dir}",
            f"hydra.run.dir={cfg.paths.output_dir}/server", *cfg.serve_overrides]
     log = open(Path(cfg.paths.output_dir) / "server.log", "w")  # noqa: SIM115  (open while the server runs)
+    cpus = cfg.server_cpus
+    if cpus:  # the model's threads follow the cores it gets (torch's default counts every core)
+        cmd.append(f"torch_threads={len(cpus)}")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cfg.paths.root_dir,
-                            env={**os.environ, "SERVE_ADMIN_TOKEN": ADMIN_TOKEN})
+                            env={**os.environ, "SERVE_ADMIN_TOKEN": ADMIN_TOKEN},
+                            preexec_fn=(lambda: os.sched_setaffinity(0, list(cpus))) if cpus else None)
     t_end = time.monotonic() + cfg.startup_timeout_s
     while time.monotonic() < t_end:
         if proc.poll() is not None:
@@ -216,6 +220,8 @@ def overhead(url: str, grpc_port: int, model: str, entry: dict[str, Any], xs: to
 @user_facing
 def bench(cfg: DictConfig) -> dict[str, Any]:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one log line per request would load the client
+    if cfg.client_cpus:  # the load generator on cores of its own: its parsing then cannot delay the server
+        os.sched_setaffinity(0, list(cfg.client_cpus))
     dm = instantiate(cfg.data)
     x, y = batches_to_tensor(dm.test_dataloader())
     x, y = x[: cfg.n_inputs], y[: cfg.n_inputs]
@@ -224,7 +230,8 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     url = f"http://127.0.0.1:{port}"
     proc = start_server(cfg, port, port + 1)
     result: dict[str, Any] = {"machine": machine_info("cpu"), "encoding": cfg.encoding, "slo_ms": cfg.slo_ms,
-                              "max_batch_size": cfg.max_batch_size, "max_delay_ms": cfg.max_delay_ms}
+                              "max_batch_size": cfg.max_batch_size, "max_delay_ms": cfg.max_delay_ms,
+                              "server_cpus": list(cfg.server_cpus or []), "client_cpus": list(cfg.client_cpus or [])}
     try:
         result["models"] = [httpx.get(f"{url}/v2/models/{m}/levels").json() for m in cfg.models]
         served = model_entries(OmegaConf.load(Path(cfg.paths.output_dir) / "server" / ".hydra" / "config.yaml"))

@@ -21,21 +21,21 @@ from experiments.data.base import batches_to_tensor
 from experiments.report import machine_info, markdown_table, write_json
 from experiments.runs import load_net
 from experiments.utils import run_hydra, user_facing
-from gating.cost import measure_interleaved, model_cost
+from gating.cost import count_flops, int8_ops, measure_interleaved, model_cost
 from models.quantize import quantize_int8
 from skipnet import SkipOutput
 
 
 def mean_cost(net: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
     """Float GFLOPs and int8 GOPs per input, averaged over the inputs of ``x`` one at a time (a SkipNet's
-    work depends on the input), with params and weight bytes."""
-    costs = [model_cost(net, x[i:i + 1]) for i in range(len(x))]
-    n = len(costs)
-    return {"gflops": sum(c.gflops for c in costs) / n, "int8_gops": sum(c.int8_gops for c in costs) / n,
-            "params": costs[0].params, "weight_kib": costs[0].weight_bytes / 1024}
+    work depends on the input), with params and weight bytes (once: they do not)."""
+    whole = model_cost(net, x[:1])
+    n = len(x)
+    return {"gflops": sum(count_flops(net, x[i:i + 1]) for i in range(n)) / n / 1e9,
+            "int8_gops": sum(int8_ops(net, x[i:i + 1]) for i in range(n)) / n / 1e9,
+            "params": whole.params, "weight_kib": whole.weight_bytes / 1024}
 
 
-@torch.no_grad()
 def predict(net: torch.nn.Module, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, float | None]:
     """Predicted labels, and for a SkipNet the mean number of blocks executed per input."""
     labels, blocks = [], []

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gating import UserError
+from gating.cost import count_flops
 from models import create_model, is_model, list_models
 from models.cifar_resnet import CifarResNet
 
@@ -183,3 +184,71 @@ def test_int8_skipnet_is_quantized_per_block_and_still_skips():
     assert torch.equal(whole.executed, torch.cat([o.executed for o in ones]))
     assert torch.allclose(whole.logits, torch.cat([o.logits for o in ones]), atol=1e-4)
     assert 0 < float(whole.executed[:, 1:].mean()) < 1  # the gates do skip some blocks
+
+
+# ------------------------------------------------------------------------------------ structured pruning
+def _kill_weakest_half(net: torch.nn.Module) -> None:
+    """Make half of every block's inner channels dead (tiny filters, BatchNorm to exactly 0), so that
+    removing them must leave the output unchanged."""
+    from models.prune import _PAIRS
+
+    for block in net.modules():
+        for a, n, _ in _PAIRS[:1]:
+            conv, bn = getattr(block, a, None), getattr(block, n, None)
+            if isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d) and hasattr(block, "conv2"):
+                dead = torch.arange(conv.out_channels) % 2 == 1
+                conv.weight.data[dead] *= 1e-3
+                bn.weight.data[dead] = 0.0
+                bn.bias.data[dead] = 0.0
+
+
+def test_pruning_removes_the_weakest_inner_channels_for_real():
+    from models.prune import kept_channels, prune_channels
+
+    torch.manual_seed(0)
+    net = create_model("resnet20_cifar", num_classes=10, in_chans=1).eval()
+    _kill_weakest_half(net)
+    x = torch.randn(4, 1, 16, 16)
+    pruned = prune_channels(net, 0.5)
+    assert not pruned.training
+    # The dead channels are the ones removed: same outputs, half the inner width, the original untouched.
+    torch.testing.assert_close(pruned(x), net(x), rtol=1e-4, atol=1e-5)
+    for old, new in zip(net.blocks(), pruned.blocks()):
+        assert new.conv1.out_channels == new.bn1.num_features == new.conv2.in_channels == old.conv1.out_channels // 2
+        assert new.conv2.out_channels == old.conv2.out_channels  # the block's output width is kept
+        assert old.conv1.out_channels == old.conv2.in_channels
+    # Real savings: the two 3x3 convs of every block halve, so the whole net's FLOPs nearly do.
+    full, small = count_flops(net, x[:1]), count_flops(pruned, x[:1])
+    assert 0.45 < small / full < 0.6
+    assert kept_channels(16, 0.5) == 8 and kept_channels(3, 0.9) == 1  # never a block with no channel
+    # A live channel is kept over a dead one whatever its index (the L2 ranking too).
+    torch.testing.assert_close(prune_channels(net, 0.5, norm=2)(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+def test_pruning_bottlenecks_and_skipnets_and_refusing_what_cannot_be_pruned():
+    from models.prune import prune_channels, pruned_model
+
+    torch.manual_seed(0)
+    r50 = create_model("resnet50", num_classes=10, in_chans=3).eval()
+    p50 = prune_channels(r50, 0.5)
+    b_old, b_new = r50.layer1[0], p50.layer1[0]
+    assert (b_new.conv1.out_channels, b_new.conv2.in_channels, b_new.conv2.out_channels, b_new.conv3.in_channels) == (
+        32, 32, 32, 32)
+    assert b_new.conv3.out_channels == b_old.conv3.out_channels
+    x = torch.randn(2, 3, 32, 32)
+    assert p50(x).shape == (2, 10)
+    torch.testing.assert_close(prune_channels(r50, 0.0)(x), r50(x))  # amount 0: the same network
+    # A SkipNet's blocks prune in place under its gates; the engine runs the slimmer blocks.
+    sk = create_model("skipnet20_cifar", num_classes=10, in_chans=1).eval()
+    psk = prune_channels(sk, 0.5)
+    out = psk(torch.randn(3, 1, 16, 16))
+    assert out.logits.shape == (3, 10) and psk.blocks()[0].conv1.out_channels == 8
+    # The builder a config names: same shapes as pruning the registered model.
+    built = pruned_model("resnet20_cifar", amount=0.25, num_classes=10, in_chans=1)
+    assert built.blocks()[-1].conv1.out_channels == 48
+    with pytest.raises(UserError, match=r"amount must be in \[0, 1\)"):
+        prune_channels(r50, 1.0)
+    with pytest.raises(UserError, match="norm must be 1 or 2"):
+        prune_channels(r50, 0.5, norm=3)
+    with pytest.raises(UserError, match="ResNet-style"):
+        prune_channels(create_model("mlp", num_classes=10, in_chans=1, image_size=8), 0.5)

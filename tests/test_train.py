@@ -14,6 +14,7 @@ from omegaconf import open_dict
 
 from experiments.eval import evaluate
 from experiments.train import train
+from gating.cost import count_flops
 from tests.conftest import ROOT, compose_config, shrink
 
 
@@ -261,3 +262,25 @@ def test_distilled_run_trains_only_the_student_and_loads_as_a_classifier(train_c
     assert not module.teacher.training and not any(p.requires_grad for p in module.teacher.parameters())
     assert {id(p) for p in module.parameters()} == {id(p) for p in module.net.parameters()}
 
+
+
+def test_pruned_run_fine_tunes_the_trained_run_and_loads_with_its_pruned_shapes(tmp_path):
+    from experiments.runs import load_net, read_run
+
+    source = tmp_path / "source"
+    train(shrink(compose_config("train.yaml", ["data=synthetic", "model=resnet20"], source)))
+    src_net = load_net(source)
+    out = tmp_path / "pruned"
+    cfg = compose_config("train.yaml", ["data=synthetic", "model=resnet20", "prune=l1_50",
+                                        f"model.net.pretrained={source}"], out)
+    assert cfg.run_name == "synthetic_resnet20_pruned"  # beside the source run, never over it
+    assert cfg.trainer.max_epochs == 8 and cfg.optimizer.lr == 0.01  # a fine-tuning schedule over the experiment's
+    record = train(shrink(cfg))
+    assert record["metrics"]["test/gflops_per_img"] < 0.6 * count_flops(src_net, torch.zeros(1, 1, 16, 16)) / 1e9
+    # The run records which weights it pruned (the source's checkpoint file, not a folder that moves on).
+    _, run_cfg, _ = read_run(out)
+    assert str(run_cfg.model.net.pretrained).endswith(".ckpt")
+    net = load_net(out)  # rebuilt pruned from the config, filled from the pruned run's own checkpoint
+    assert net.blocks()[0].conv1.out_channels == 8 and net.blocks()[0].conv2.out_channels == 16
+    ckpt = torch.load(record["checkpoints"]["best"], weights_only=True)["state_dict"]
+    torch.testing.assert_close(net.blocks()[0].conv1.weight, ckpt["net.layer1.0.conv1.weight"].to(torch.float32))

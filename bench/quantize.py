@@ -48,6 +48,20 @@ def predict(net: torch.nn.Module, x: torch.Tensor, batch_size: int) -> tuple[tor
     return torch.cat(labels), (float(torch.cat(blocks).mean()) if blocks else None)
 
 
+def read_splits(cfg: DictConfig) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Read once for every model: ``cfg.calibration_batches`` val batches, and the whole test split
+    (inputs, labels). Sets ``cfg.threads`` first."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("test")
+    dm.setup("fit")
+    calib = [x for _, (x, _) in zip(range(cfg.calibration_batches), dm.val_dataloader())]
+    x_test, y_test = batches_to_tensor(dm.test_dataloader())
+    return calib, x_test, y_test
+
+
 def _rows(cfg: DictConfig, name: str, run: str, calib: list[torch.Tensor], x_test: torch.Tensor,
           y_test: torch.Tensor) -> list[dict]:
     net = load_net(run).cpu().eval()
@@ -74,15 +88,7 @@ def _rows(cfg: DictConfig, name: str, run: str, calib: list[torch.Tensor], x_tes
 @hydra.main(version_base="1.3", config_path="../configs", config_name="bench/quantize.yaml")
 @user_facing
 def main(cfg: DictConfig) -> None:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    dm = instantiate(cfg.data)
-    dm.prepare_data()
-    dm.setup("test")
-    dm.setup("fit")
-    # Read once for every model: calibration batches from val, the whole test split.
-    calib = [x for _, (x, _) in zip(range(cfg.calibration_batches), dm.val_dataloader())]
-    x_test, y_test = batches_to_tensor(dm.test_dataloader())
+    calib, x_test, y_test = read_splits(cfg)
     rows = [r for name, run in cfg.runs.items() for r in _rows(cfg, name, run, calib, x_test, y_test)]
     cols = ["model", "batch", "acc_float", "acc_int8", "acc_delta_pts", "agreement", "blocks_float", "blocks_int8",
             "gflops_float", "gflops_int8", "int8_gops_int8", "weight_kib_float",

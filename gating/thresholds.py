@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
+
+P = TypeVar("P")
 
 __all__ = ["OperatingPoint", "ThresholdSearch", "accuracy_floor", "exit_stages", "pareto_front"]
 
@@ -76,11 +78,15 @@ def exit_stages(confidences: Sequence[np.ndarray], thresholds: Sequence[float], 
     return out
 
 
-def pareto_front(points: Sequence[OperatingPoint]) -> list[OperatingPoint]:
-    """The points no other point beats on both cost (lower) and accuracy (higher), by rising cost."""
-    best: list[OperatingPoint] = []
-    for p in sorted(points, key=lambda p: (p.expected_cost, -p.accuracy)):
-        if not best or p.accuracy > best[-1].accuracy:
+def pareto_front(points: Sequence[P], cost: Callable[[P], float] = lambda p: p.expected_cost,
+                 accuracy: Callable[[P], float] = lambda p: p.accuracy) -> list[P]:
+    """The points no other point beats on both cost (lower) and accuracy (higher), by rising cost.
+
+    ``cost`` and ``accuracy`` read them off a point (an :class:`OperatingPoint` by default; any
+    record, e.g. a model's measured latency and test accuracy)."""
+    best: list[P] = []
+    for p in sorted(points, key=lambda p: (cost(p), -accuracy(p))):
+        if not best or accuracy(p) > accuracy(best[-1]):
             best.append(p)
     return best
 

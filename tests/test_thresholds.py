@@ -128,6 +128,12 @@ def test_frontier_is_monotone_and_pareto_filters_dominated_points():
     front = pareto_front(points)
     assert all(a.accuracy < b.accuracy and a.expected_cost <= b.expected_cost for a, b in zip(front, front[1:]))
 
+    # Any record, by the readers given: measured models (accuracy, ms); dominated and tied-slower ones drop.
+    models = {"big": (0.99, 10.0), "pruned": (0.985, 5.0), "int8": (0.99, 4.0), "tiny": (0.98, 1.0),
+              "slow_tiny": (0.98, 2.0), "bad": (0.97, 3.0)}
+    names = pareto_front(list(models), cost=lambda n: models[n][1], accuracy=lambda n: models[n][0])
+    assert names == ["tiny", "int8"]
+
 
 def test_search_rejects_mismatched_inputs():
     search = ThresholdSearch([1.0, 2.0, 3.0])

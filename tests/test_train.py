@@ -284,3 +284,35 @@ def test_pruned_run_fine_tunes_the_trained_run_and_loads_with_its_pruned_shapes(
     assert net.blocks()[0].conv1.out_channels == 8 and net.blocks()[0].conv2.out_channels == 16
     ckpt = torch.load(record["checkpoints"]["best"], weights_only=True)["state_dict"]
     torch.testing.assert_close(net.blocks()[0].conv1.weight, ckpt["net.layer1.0.conv1.weight"].to(torch.float32))
+
+
+def test_compare_bench_puts_float_int8_and_pruned_runs_on_one_axis(tmp_path):
+    """bench/compare.py on two tiny runs: every model in every batch size, int8 work counted as int8,
+    and a frontier named from the measured rows."""
+    source = tmp_path / "logs" / "train" / "runs" / "synthetic_resnet20" / "0"
+    train(shrink(compose_config("train.yaml", ["data=synthetic", "model=resnet20"], source)))
+    pruned = tmp_path / "logs" / "train" / "runs" / "synthetic_resnet20_pruned" / "0"
+    train(shrink(compose_config("train.yaml", ["data=synthetic", "model=resnet20", "prune=l1_50",
+                                               f"model.net.pretrained={source}"], pruned)))
+    out = tmp_path / "compare.json"
+    models = (f"models=[{{name: full, run: {source}}}, {{name: full_int8, run: {source}, int8: true}}, "
+              f"{{name: pruned, run: {pruned.parent}}}]")
+    proc = subprocess.run([sys.executable, "bench/compare.py", "data=synthetic", models, "batch_sizes=[1,4]",
+                           "repeats=3", "warmup=1", "calibration_batches=1", "cost_inputs=2", f"output={out}",
+                           f"paths.log_dir={tmp_path / 'logs'}", f"hydra.run.dir={tmp_path / 'hydra'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted((r["model"], r["batch"]) for r in rows) == sorted(
+        (m, b) for m in ("full", "full_int8", "pruned") for b in (1, 4))
+    by = {(r["model"], r["batch"]): r for r in rows}
+    assert by["full_int8", 1]["gflops"] < 0.05 * by["full", 1]["gflops"]  # its convs are int8 now ...
+    assert by["full_int8", 1]["int8_gops"] > 0.9 * by["full", 1]["gflops"]  # ... and counted as int8 work
+    assert by["pruned", 1]["gflops"] < 0.6 * by["full", 1]["gflops"] and by["pruned", 1]["params"] < by["full", 1]["params"]
+    for b in (1, 4):
+        front = [r for r in rows if r["batch"] == b and r["frontier"]]
+        assert front, "at least one model is on the frontier"
+        for r in front:  # nothing on the frontier is beaten on both accuracy and time
+            assert not any(o["acc"] > r["acc"] and o["ms_per_batch"] < r["ms_per_batch"]
+                           for o in rows if o["batch"] == b)
+    assert (tmp_path / "compare.png").is_file()

@@ -59,13 +59,14 @@ def _plot(rows: list[dict], batch_sizes: list[int], path: Path) -> Path:
 @user_facing
 def main(cfg: DictConfig) -> None:
     calib, x_test, y_test = read_splits(cfg)
-    nets, base = {}, {}
+    nets, base, loaded = {}, {}, {}
     for spec in cfg.models:
         name = spec.get("name")
         if not name or "run" not in spec or name in nets:
             raise UserError(f"each of models needs a name of its own and a run (a training run folder), e.g. "
                             f"{{name: resnet38, run: logs/train/runs/mnist_resnet38}}; got {dict(spec)}")
-        net = load_net(spec.run).cpu().eval()
+        # A run named twice (float and int8) is read once; quantize_int8 copies, so the float net stays.
+        net = loaded.get(str(spec.run)) or loaded.setdefault(str(spec.run), load_net(spec.run).cpu().eval())
         if spec.get("int8", False):
             net = quantize_int8(net, calib, backend=cfg.backend)
         pred, blocks = predict(net, x_test, cfg.data.batch_size)

@@ -66,8 +66,7 @@ def _slim_conv(conv: nn.Conv2d, out_idx: torch.Tensor | None = None, in_idx: tor
 
 def _slim_norm(norm: nn.BatchNorm2d, idx: torch.Tensor) -> nn.BatchNorm2d:
     new = nn.BatchNorm2d(len(idx), eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
-                         track_running_stats=norm.track_running_stats,
-                         device=idx.device if norm.weight is None else norm.weight.device)
+                         track_running_stats=norm.track_running_stats, device=idx.device)
     if norm.affine:
         new.weight.data.copy_(norm.weight.detach().index_select(0, idx))
         new.bias.data.copy_(norm.bias.detach().index_select(0, idx))

@@ -37,7 +37,12 @@ class TriageConfig:
     has passed since the last change (the load itself was too much, and the rate window lags it). A
     raise within ``hold_s`` of a lowering shows the lowering came too early (the start of a burst,
     before the rate window sees it): the hold then doubles at each such raise, up to ``max_hold_s``,
-    and falls back once a raise comes after a calm spell.
+    and falls back once a raise comes after a calm spell; and for as long as that hold lasts the level
+    is taken not to keep up, so the early trigger (``enter_fraction``) fires again: the fitted pace had
+    just been shown too optimistic. Two more guards on lowering: a lowering waits ``lower_step_s``
+    after the last one (one step per look, not a chain from the top level to 0 within a few batches),
+    and "keeps up" for a lowering is judged on the higher of the arrival rates over ``rate_window_s``
+    and over the short ``burst_window_s``, which sees a burst's onset within a fraction of a second.
     """
 
     mode: str = "off"
@@ -49,6 +54,8 @@ class TriageConfig:
     step_s: float = 0.0               # auto: at least this long between two raises (0: at every batch)
     utilization: float = 1.0          # auto: a level keeps up while arrivals x its pace stay under this
     rate_window_s: float = 2.0        # auto: the arrival rate is measured over this window
+    burst_window_s: float = 0.5       # auto: and over this one, for lowerings only (a burst's onset)
+    lower_step_s: float = 0.25        # auto: at least this long between two lowerings
 
     def validate(self) -> None:
         """Raise ``ValueError`` on a setting of the wrong type or out of bounds (see :data:`TRIAGE_BOUNDS`)."""
@@ -63,6 +70,7 @@ TRIAGE_BOUNDS: dict[str, tuple[type, float, float]] = {
     "level": (int, 0, 64), "enter_fraction": (float, 0.0, 10.0), "exit_fraction": (float, 0.0, 10.0),
     "hold_s": (float, 0.0, 3600.0), "step_s": (float, 0.0, 3600.0), "utilization": (float, 0.01, 10.0),
     "rate_window_s": (float, 0.01, 60.0), "max_hold_s": (float, 0.0, 3600.0),
+    "burst_window_s": (float, 0.01, 60.0), "lower_step_s": (float, 0.0, 3600.0),
 }
 
 
@@ -178,6 +186,9 @@ class TriageController:
         # the backlog held, at 80% of peak).
         self._hold_s = 0.0
         self._lowered_at = -math.inf
+        # Until then the level is taken not to keep up: a raise undid a lowering, so the fitted pace
+        # (full batches, without the front end's share of the CPU) was shown too optimistic.
+        self._distrust_until = -math.inf
         # (time, level, reason) of each change; bounded, as servers run for days.
         self.changes: collections.deque[tuple[float, int, str]] = collections.deque(
             [(now, self.level, f"start ({config.mode})")], maxlen=1000)
@@ -209,18 +220,27 @@ class TriageController:
             self._forget(now)
 
     def _forget(self, now: float) -> None:
-        while self._arrivals and self._arrivals[0][0] < now - self.config.rate_window_s:
+        keep = max(self.config.rate_window_s, self.config.burst_window_s)
+        while self._arrivals and self._arrivals[0][0] < now - keep:
             self._arrived -= self._arrivals.popleft()[1]
 
-    def arrival_rate(self, now: float) -> float:
-        """Inputs per second over the last ``rate_window_s``."""
+    def arrival_rate(self, now: float, window_s: float | None = None) -> float:
+        """Inputs per second over the last ``window_s`` (default ``rate_window_s``)."""
         self._forget(now)
-        return self._arrived / self.config.rate_window_s
+        window = self.config.rate_window_s if window_s is None else window_s
+        if window >= max(self.config.rate_window_s, self.config.burst_window_s):
+            return self._arrived / window
+        rows = 0
+        for t, n in reversed(self._arrivals):  # newest first; the short window holds few entries
+            if t < now - window:
+                break
+            rows += n
+        return rows / window
 
-    def utilization(self, level: int, now: float) -> float | None:
-        """Seconds of device time per second that the recent arrivals need at ``level`` in full batches
-        (None: pace unknown)."""
-        rate = self.arrival_rate(now)
+    def utilization(self, level: int, now: float, window_s: float | None = None) -> float | None:
+        """Seconds of device time per second that the arrivals over ``window_s`` (default
+        ``rate_window_s``) need at ``level`` in full batches (None: pace unknown)."""
+        rate = self.arrival_rate(now, window_s)
         return min((rate * pace.capacity_ms(self.batch_limit) * scale / 1e3 for pace, scale in self._paces(level)),
                    default=None)
 
@@ -259,21 +279,25 @@ class TriageController:
         here = self.predicted_ms(self.level, wait_ms, backlog)
         here = wait_ms if here is None else here  # nothing measured yet: the wait alone
         load = self.utilization(self.level, now)
-        behind = load is None or load >= c.utilization
+        distrusted = now < self._distrust_until
+        behind = load is None or load >= c.utilization or distrusted
         if here > slo or (here > c.enter_fraction * slo and behind):
             last_change = self.changes[-1][0] if self.changes else -math.inf
             if self.level < self.top and now - last_change >= c.step_s:
                 why = (f"predicted {here:.0f} ms > {slo:g} ms" if here > slo else
                        f"predicted {here:.0f} ms > {c.enter_fraction:g} x {slo:g} ms and level {self.level} does "
-                       f"not keep up ({_share(load)} of its pace)")
+                       f"not keep up ({_share(load)} of its pace" + (", distrusted after an undone lowering)"
+                                                                     if distrusted else ")"))
                 self._hold_s = self._hold_after_raise(now, behind)
                 self._set(self.level + 1, now, f"{why} (wait {wait_ms:.0f} ms, {backlog} queued)")
             return self.level
-        if self.level == 0 or now - self.changes[-1][0] < self._hold_s:
+        if (self.level == 0 or now - self.changes[-1][0] < self._hold_s
+                or now - self._lowered_at < c.lower_step_s):
             return self.level
         above = self.predicted_ms(self.level - 1, wait_ms, backlog)
         above = wait_ms if above is None else above
-        load_above = self.utilization(self.level - 1, now)
+        loads = [self.utilization(self.level - 1, now, w) for w in (c.rate_window_s, c.burst_window_s)]
+        load_above = None if None in loads else max(loads)
         if above < c.exit_fraction * slo and (load_above is None or load_above < c.utilization):
             self._lowered_at = now
             self._set(self.level - 1, now, f"level {self.level - 1} keeps up ({_share(load_above)} of its pace) and "
@@ -285,7 +309,9 @@ class TriageController:
         ``hold_s`` if the level did not keep up, nothing for a transient backlog."""
         c = self.config
         if now - self._lowered_at < c.hold_s:
-            return min(max(c.hold_s, 2 * self._hold_s), max(c.hold_s, c.max_hold_s))
+            hold = min(max(c.hold_s, 2 * self._hold_s), max(c.hold_s, c.max_hold_s))
+            self._distrust_until = now + hold
+            return hold
         return c.hold_s if behind else 0.0
 
     def _set(self, level: int, now: float, reason: str) -> None:

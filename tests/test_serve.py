@@ -343,7 +343,8 @@ def test_clients_that_disconnect_have_their_queued_inputs_withdrawn():
 def test_triage_controller_without_an_event_loop():
     from serve.triage import TriageController
 
-    config = TriageConfig(mode="auto", hold_s=1.0, step_s=0.5, rate_window_s=1.0, utilization=1.0)
+    config = TriageConfig(mode="auto", hold_s=1.0, step_s=0.5, rate_window_s=1.0, burst_window_s=1.0,
+                          utilization=1.0)
     c = TriageController(config, num_levels=3, slo_ms=100, now=0.0, level_costs=[4.0, 2.0, 1.0])
     assert c.level == 0 and c.predicted_ms(0, 10, 5) is None     # nothing measured: the wait alone counts
     for _ in range(4):
@@ -395,7 +396,8 @@ def test_auto_triage_lowers_to_a_level_measured_in_a_stall():
     stale, slow pace kept auto triage at level 2 for 9 s of a gRPC run at 80% of peak."""
     from serve.triage import TriageController
 
-    config = TriageConfig(mode="auto", hold_s=0.5, step_s=0.0, rate_window_s=1.0, utilization=0.9)
+    config = TriageConfig(mode="auto", hold_s=0.5, step_s=0.0, rate_window_s=1.0, burst_window_s=1.0,
+                          utilization=0.9)
     c = TriageController(config, num_levels=3, slo_ms=100, level_costs=[2.0, 1.5, 1.0], batch_limit=16)
     for _ in range(8):
         c.record_batch(level=0, stage=0, rows=16, seconds=0.016)    # 1 ms a row
@@ -413,6 +415,68 @@ def test_auto_triage_lowers_to_a_level_measured_in_a_stall():
     c.arrive(now=1.0, rows=800)
     assert c.observe(now=1.5, wait_ms=5, backlog=10) == 1           # level 1 keeps up (0.80 of its pace)
     assert "level 1 keeps up (0.80 of its pace)" in c.history(now=1.5)[-1]["reason"]
+
+
+def _paced_controller(**knobs) -> "TriageController":
+    """Three levels priced 2 : 1.5 : 1, level 0 measured at 1 ms a row."""
+    from serve.triage import TriageController
+
+    c = TriageController(TriageConfig(mode="auto", **knobs), num_levels=3, slo_ms=100,
+                         level_costs=[2.0, 1.5, 1.0], batch_limit=8)
+    for _ in range(4):
+        c.record_batch(level=0, stage=0, rows=8, seconds=0.008)
+    return c
+
+
+def _arrive_steadily(c, start: float, stop: float, per_s: float) -> None:
+    for i in range(round((stop - start) / 0.01)):
+        c.arrive(now=start + i * 0.01, rows=per_s * 0.01)
+
+
+def test_auto_triage_lowers_one_step_at_a_time():
+    """A stall raised 0 -> 2 in two batches; lowering it back waits ``lower_step_s`` between steps (one
+    run lowered 4 -> 0 in 13 ms, and raised again 70 ms later)."""
+    c = _paced_controller(hold_s=0.5, step_s=0.0, lower_step_s=0.25)
+    assert c.observe(now=1.0, wait_ms=5, backlog=95) == 1 and c.observe(now=1.01, wait_ms=5, backlog=190) == 2
+    assert c.observe(now=1.02, wait_ms=5, backlog=2) == 1      # a transient: the first step down at once
+    assert c.observe(now=1.10, wait_ms=5, backlog=2) == 1      # the next waits lower_step_s
+    assert c.observe(now=1.28, wait_ms=5, backlog=2) == 0
+    no_step = _paced_controller(hold_s=0.5, step_s=0.0, lower_step_s=0.0)
+    no_step.observe(now=1.0, wait_ms=5, backlog=95), no_step.observe(now=1.01, wait_ms=5, backlog=190)
+    assert no_step.observe(now=1.02, wait_ms=5, backlog=2) == 1 and no_step.observe(now=1.03, wait_ms=5, backlog=2) == 0
+
+
+@pytest.mark.parametrize("burst_window_s, level", [(0.5, 1), (2.0, 0)])
+def test_auto_triage_sees_a_burst_onset_before_lowering(burst_window_s, level):
+    """0.2 s into a 4x burst the 2 s window still says level 0 keeps up (0.65 of its pace); the 0.5 s
+    window says it does not (1.1), so the transient raise at the onset is not undone."""
+    c = _paced_controller(hold_s=0.5, step_s=0.0, lower_step_s=0.0, rate_window_s=2.0,
+                          burst_window_s=burst_window_s)
+    _arrive_steadily(c, 0.0, 2.0, per_s=500)       # half of level 0's pace,
+    _arrive_steadily(c, 2.0, 2.05, per_s=2000)     # then four times it
+    assert c.observe(now=2.05, wait_ms=5, backlog=95) == 1      # 103 ms > 100 ms, level 0 kept up: transient
+    _arrive_steadily(c, 2.05, 2.2, per_s=2000)
+    assert c.utilization(0, now=2.2) == pytest.approx(0.65, abs=0.02)
+    assert c.utilization(0, now=2.2, window_s=0.5) == pytest.approx(1.1, abs=0.05)
+    assert c.observe(now=2.2, wait_ms=5, backlog=10) == level   # predicted 18 ms at level 0
+
+
+def test_auto_triage_distrusts_the_pace_after_an_undone_lowering():
+    """A raise within ``hold_s`` of a lowering shows the fitted pace too optimistic: until the hold ends
+    the early trigger (``enter_fraction``) fires as if the level did not keep up (one run's level 0
+    "kept up at 0.40-0.88 of its pace" all through a 2x burst, so every raise came at 100 ms, too late)."""
+    c = _paced_controller(hold_s=0.5, step_s=0.0, lower_step_s=0.0, rate_window_s=1.0, burst_window_s=1.0)
+    _arrive_steadily(c, 0.0, 1.3, per_s=500)
+    assert c.observe(now=1.0, wait_ms=5, backlog=95) == 1       # 103 ms: transient
+    assert c.observe(now=1.05, wait_ms=5, backlog=10) == 0      # worked off: down at once
+    assert c.observe(now=1.2, wait_ms=5, backlog=95) == 1       # undone 0.15 s later
+    assert c.utilization(1, now=1.3) < 1.0                      # by the fitted pace, level 1 keeps up
+    assert c.observe(now=1.3, wait_ms=5, backlog=110) == 2      # 0.75 x 118 = 89 ms > 80 ms: raised early
+    assert "distrusted after an undone lowering" in c.history(now=1.3)[-1]["reason"]
+    fresh = _paced_controller(hold_s=0.5, step_s=0.0, lower_step_s=0.0, rate_window_s=1.0, burst_window_s=1.0)
+    _arrive_steadily(fresh, 0.0, 1.3, per_s=500)
+    assert fresh.observe(now=1.0, wait_ms=5, backlog=95) == 1   # no lowering undone: the same 89 ms is
+    assert fresh.observe(now=1.3, wait_ms=5, backlog=110) == 1  # only a transient near the objective
 
 
 def test_triage_pace_fits_fixed_and_per_row_costs_per_stage():

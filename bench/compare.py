@@ -6,8 +6,11 @@ interleaved rounds; the accuracy/latency Pareto frontier at each batch size is n
     python bench/compare.py output=docs/results/compare_mnist_cpu.json
     python bench/compare.py 'models=[{name: a, run: logs/train/runs/mnist_resnet38}, {name: b, run: ..., int8: true}]'
 
-A model is a training run (a plain classifier or a SkipNet), optionally quantized to int8 here
-(``int8: true``, calibrated on val batches as ``bench/quantize.py`` does).
+A model is a training run (a plain classifier or a SkipNet) or an ``experiments.cascade`` run (a
+calibrated cascade, run with compaction: each stage on the inputs deferred to it), optionally
+quantized to int8 here (``int8: true``, calibrated on val batches as ``bench/quantize.py`` does; a
+cascade's stages each, its float thresholds kept). ``units`` is the mean work executed per test
+input: blocks for a SkipNet, stages for a cascade.
 """
 
 from __future__ import annotations
@@ -15,17 +18,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
+import torch
 from omegaconf import DictConfig
 
 import experiments  # noqa: F401
 from experiments.report import machine_info, markdown_table, write_json
-from experiments.runs import load_net
+from experiments.runs import load_net, load_run, read_run
 from experiments.utils import run_hydra, user_facing
 from gating.cost import measure_interleaved
 from gating.errors import UserError
 from gating.thresholds import pareto_front
 from models.quantize import quantize_int8
 from quantize import mean_cost, predict, read_splits  # the sibling benchmark's helpers (bench/ is the script's folder)
+
+
+def load_model(run: str) -> torch.nn.Module:
+    """The network of a training run, or the calibrated cascade of an ``experiments.cascade`` run."""
+    _, cfg, _ = read_run(run)
+    if "cascade" in cfg and "model" not in cfg:
+        return load_run(run).cascade.cpu().eval()
+    return load_net(run).cpu().eval()
 
 
 def _plot(rows: list[dict], batch_sizes: list[int], path: Path) -> Path:
@@ -63,16 +75,16 @@ def main(cfg: DictConfig) -> None:
     for spec in cfg.models:
         name = spec.get("name")
         if not name or "run" not in spec or name in nets:
-            raise UserError(f"each of models needs a name of its own and a run (a training run folder), e.g. "
+            raise UserError(f"each of models needs a name of its own and a run (a training or cascade run folder), e.g. "
                             f"{{name: resnet38, run: logs/train/runs/mnist_resnet38}}; got {dict(spec)}")
         # A run named twice (float and int8) is read once; quantize_int8 copies, so the float net stays.
-        net = loaded.get(str(spec.run)) or loaded.setdefault(str(spec.run), load_net(spec.run).cpu().eval())
+        net = loaded.get(str(spec.run)) or loaded.setdefault(str(spec.run), load_model(str(spec.run)))
         if spec.get("int8", False):
             net = quantize_int8(net, calib, backend=cfg.backend)
         pred, blocks = predict(net, x_test, cfg.data.batch_size)
         nets[name] = net
         base[name] = {"model": name, "run": str(spec.run), "int8": bool(spec.get("int8", False)),
-                      "acc": float((pred == y_test).float().mean()), "blocks": blocks,
+                      "acc": float((pred == y_test).float().mean()), "units": blocks,
                       **mean_cost(net, x_test[:cfg.cost_inputs])}
     rows = []
     for b in cfg.batch_sizes:
@@ -85,7 +97,7 @@ def main(cfg: DictConfig) -> None:
             rows.append({**base[n], "batch": b, "ms_per_batch": t[n].median_ms, "ms_p90": t[n].p90_ms,
                          "speedup_vs_first": ref / t[n].median_ms, "repeats": t[n].repeats, "frontier": n in front})
         print(f"batch {b}: frontier (fastest first) {', '.join(front)}", flush=True)
-    cols = ["model", "batch", "acc", "gflops", "int8_gops", "params", "weight_kib", "ms_per_batch", "ms_p90",
+    cols = ["model", "batch", "acc", "units", "gflops", "int8_gops", "params", "weight_kib", "ms_per_batch", "ms_p90",
             "speedup_vs_first", "frontier", "repeats"]
     print("\n" + markdown_table(rows, cols, floatfmt=".4g"))
     out = Path(cfg.output)

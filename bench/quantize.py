@@ -23,6 +23,7 @@ from experiments.runs import load_net
 from experiments.utils import run_hydra, user_facing
 from gating.cost import count_flops, int8_ops, measure_interleaved, model_cost
 from models.quantize import quantize_int8
+from cascades.model import CascadeOutput
 from skipnet import SkipOutput
 
 
@@ -37,12 +38,16 @@ def mean_cost(net: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
 
 
 def predict(net: torch.nn.Module, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, float | None]:
-    """Predicted labels, and for a SkipNet the mean number of blocks executed per input."""
+    """Predicted labels, and the mean units of work executed per input: blocks for a SkipNet, stages
+    for a cascade (None for a static model)."""
     labels, blocks = [], []
     for i in range(0, len(x), batch_size):
         out = net(x[i:i + batch_size])
         if isinstance(out, SkipOutput):
             blocks.append(out.executed.sum(1))
+            out = out.logits
+        elif isinstance(out, CascadeOutput):
+            blocks.append(out.exit_stage.float() + 1)
             out = out.logits
         labels.append(out.argmax(1))
     return torch.cat(labels), (float(torch.cat(blocks).mean()) if blocks else None)

@@ -3,9 +3,12 @@
     python -m experiments.pipeline                   # digits: ladder, SkipNet, cascade, evaluation
     python -m experiments.pipeline pipeline=mnist    # the MNIST study of docs/
     python -m experiments.pipeline pipeline=mnist skip_done=true    # resume: finished steps are kept
+    python -m experiments.pipeline pipeline=mnist_compress          # compressed stages (reuses pipeline=mnist's runs)
 
 Each step is ``python -m experiments.<task> <overrides>`` in its own process, so it writes its usual
-run folder, which the next step finds (``logs/<task>/runs/<run>/``). A failing step stops the
+run folder, which the next step finds (``logs/<task>/runs/<run>/``); a ``bench`` step runs
+``python bench/<script>.py <overrides>`` (a measurement: it is rerun on resume, and writes where its
+``output=`` says). A failing step stops the
 pipeline with its name and log; the last step's tables are printed at the end.
 """
 
@@ -26,7 +29,7 @@ from experiments.utils import run_hydra, user_facing
 from gating.errors import UserError
 
 log = logging.getLogger(__name__)
-TASKS = {"train", "cascade", "eval"}
+TASKS = {"train", "cascade", "eval", "bench"}
 
 
 def finished(log_dir: Path, task: str, run: str) -> bool:
@@ -42,13 +45,19 @@ def run_pipeline(cfg: DictConfig) -> list[dict]:
     for i, step in enumerate(cfg.pipeline.steps, 1):
         if step.task not in TASKS:
             raise UserError(f"pipeline step {i} has task {step.task!r}: use one of {sorted(TASKS)}")
-        name = step.get("run") or step.task
-        if cfg.skip_done and step.get("run") and finished(log_dir, step.task, step.run):
+        if step.task == "bench" and not step.get("script"):
+            raise UserError(f"pipeline step {i} is a bench step without a script: give script=<a file of bench/, "
+                            f"without .py>, e.g. script: compare")
+        name = step.get("run") or step.get("script") or step.task
+        reuse = cfg.skip_done or step.get("reuse", False)  # reuse: another study's run, kept when it exists
+        if reuse and step.task != "bench" and step.get("run") and finished(log_dir, step.task, step.run):
             print(f"[{i}/{len(cfg.pipeline.steps)}] {name}: finished run found, skipped", flush=True)
             done.append({"step": name, "status": "skipped", "seconds": 0.0})
             continue
-        cmd = [sys.executable, "-m", f"experiments.{step.task}", *step.overrides, *cfg.extra_overrides,
-               f"paths.log_dir={log_dir}"]
+        entry = ([str(Path(cfg.paths.root_dir) / "bench" / f"{step.script}.py")] if step.task == "bench"
+                 else ["-m", f"experiments.{step.task}"])
+        extra = [o for o in cfg.extra_overrides if step.task != "bench" or not o.startswith("extras.")]
+        cmd = [sys.executable, *entry, *step.overrides, *extra, f"paths.log_dir={log_dir}"]
         print(f"[{i}/{len(cfg.pipeline.steps)}] {name}: {' '.join(cmd[1:])}", flush=True)
         step_log = out / f"step{i:02d}_{name}.log"
         t0 = time.perf_counter()

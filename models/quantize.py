@@ -13,6 +13,10 @@ quantized block by block: each residual block, and the projection shortcut a ski
 runs, becomes an int8 module with float input and output, calibrated on the inputs that block sees
 under the float network's own decisions. The gates, the stem (one small convolution) and the head
 stay float, and the execution engine skips int8 blocks as it skips float ones.
+
+An :class:`cascades.IDKCascade` is quantized stage by stage (each stage calibrated on every calibration
+input, the IDK deciders float); its thresholds and temperatures are kept as calibrated in float, so
+the int8 cascade's accuracy and deferral are what those thresholds give on the int8 stages.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
+from cascades.model import IDKCascade
 from gating.errors import UserError
 from skipnet.models import SkipResNet
 
@@ -37,7 +42,8 @@ def quantize_int8(net: nn.Module, calibration: Iterable[torch.Tensor], backend: 
 
     Args:
         net: a float model whose forward FX can trace (no data-dependent Python control flow: plain
-            classifiers and cascade stages), or a :class:`skipnet.SkipResNet` (quantized per block).
+            classifiers and cascade stages), a :class:`skipnet.SkipResNet` (quantized per block) or an
+            :class:`cascades.IDKCascade` (quantized per stage, its thresholds kept).
         calibration: input batches (``[B, C, H, W]`` floats) whose activation ranges set the scales.
         backend: ``x86`` (default; FBGEMM or oneDNN kernels), ``fbgemm`` or ``qnnpack`` (ARM).
     """
@@ -53,6 +59,10 @@ def quantize_int8(net: nn.Module, calibration: Iterable[torch.Tensor], backend: 
     float_net = copy.deepcopy(net).cpu().eval()
     if isinstance(float_net, SkipResNet):
         return _quantize_skipnet(float_net, batches, backend)
+    if isinstance(float_net, IDKCascade):
+        for k, stage in enumerate(float_net.stages):
+            float_net.stages[k] = quantize_int8(stage, batches, backend)
+        return float_net
     return _quantize_traced(float_net, batches, backend)
 
 

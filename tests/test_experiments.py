@@ -95,3 +95,24 @@ def test_model_configs_fit_every_data_set(tmp_path):
             cfg = compose_config("train.yaml", [f"data={data}", f"model={model}"], tmp_path)
             net = instantiate(cfg.model.net)
             assert net.num_classes == n and net.in_chans == c
+
+
+PIPELINES = sorted(p.stem for p in (ROOT / "configs" / "pipeline").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_every_pipeline_step_composes(pipeline, tmp_path):
+    """Each step's overrides compose with its entry point's config, a bench step names a script of
+    bench/, and a step that names its run names the run its config writes (the next steps find it)."""
+    cfg = compose_config("pipeline.yaml", [f"pipeline={pipeline}"], tmp_path)
+    entry = {"train": "train.yaml", "cascade": "cascade.yaml", "eval": "eval.yaml"}
+    for i, step in enumerate(cfg.pipeline.steps):
+        if step.task == "bench":
+            assert (ROOT / "bench" / f"{step.script}.py").is_file(), step
+            names = [o.split("=", 1)[1] for o in step.overrides if o.startswith("--config-name=")]
+            rest = [o for o in step.overrides if not o.startswith("--")]
+            compose_config(names[0] if names else f"bench/{step.script}.yaml", rest, tmp_path / f"s{i}")
+            continue
+        step_cfg = compose_config(entry[step.task], list(step.overrides), tmp_path / f"s{i}")
+        if step.get("run"):
+            assert step_cfg.run_name == step.run, (pipeline, i)

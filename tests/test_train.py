@@ -12,6 +12,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
+from experiments.cascade import run_cascade
 from experiments.eval import evaluate
 from experiments.train import train
 from gating.cost import count_flops
@@ -294,9 +295,17 @@ def test_compare_bench_puts_float_int8_and_pruned_runs_on_one_axis(tmp_path):
     pruned = tmp_path / "logs" / "train" / "runs" / "synthetic_resnet20_pruned" / "0"
     train(shrink(compose_config("train.yaml", ["data=synthetic", "model=resnet20", "prune=l1_50",
                                                f"model.net.pretrained={source}"], pruned)))
+    cascade = tmp_path / "logs" / "cascade" / "runs" / "synthetic_cascade" / "0"
+    cascade_cfg = compose_config("cascade.yaml", ["data=synthetic", "cascade=tiny_cnn_resnet38",
+                                                  f"cascade.stages.tiny_cnn.run={pruned}",
+                                                  f"cascade.stages.resnet38.run={source}"], cascade)
+    with open_dict(cascade_cfg):
+        cascade_cfg.device, cascade_cfg.latency.enabled = "cpu", False
+    run_cascade(cascade_cfg)
     out = tmp_path / "compare.json"
     models = (f"models=[{{name: full, run: {source}}}, {{name: full_int8, run: {source}, int8: true}}, "
-              f"{{name: pruned, run: {pruned.parent}}}]")
+              f"{{name: pruned, run: {pruned.parent}}}, {{name: cascade, run: {cascade}}}, "
+              f"{{name: cascade_int8, run: {cascade}, int8: true}}]")
     proc = subprocess.run([sys.executable, "bench/compare.py", "data=synthetic", models, "batch_sizes=[1,4]",
                            "repeats=3", "warmup=1", "calibration_batches=1", "cost_inputs=2", f"output={out}",
                            f"paths.log_dir={tmp_path / 'logs'}", f"hydra.run.dir={tmp_path / 'hydra'}"],
@@ -304,8 +313,13 @@ def test_compare_bench_puts_float_int8_and_pruned_runs_on_one_axis(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert sorted((r["model"], r["batch"]) for r in rows) == sorted(
-        (m, b) for m in ("full", "full_int8", "pruned") for b in (1, 4))
+        (m, b) for m in ("full", "full_int8", "pruned", "cascade", "cascade_int8") for b in (1, 4))
     by = {(r["model"], r["batch"]): r for r in rows}
+    # The cascade runs with compaction: its mean stages run and its cost follow its deferrals, and
+    # its int8 copy's stages are int8 work.
+    assert 1.0 <= by["cascade", 1]["units"] <= 2.0 and by["full", 1]["units"] is None
+    assert by["cascade", 1]["gflops"] <= by["pruned", 1]["gflops"] + by["full", 1]["gflops"] + 1e-9
+    assert by["cascade_int8", 1]["int8_gops"] > 0 and by["cascade_int8", 1]["gflops"] < 0.05 * by["cascade", 1]["gflops"]
     assert by["full_int8", 1]["gflops"] < 0.05 * by["full", 1]["gflops"]  # its convs are int8 now ...
     assert by["full_int8", 1]["int8_gops"] > 0.9 * by["full", 1]["gflops"]  # ... and counted as int8 work
     assert by["pruned", 1]["gflops"] < 0.6 * by["full", 1]["gflops"] and by["pruned", 1]["params"] < by["full", 1]["params"]

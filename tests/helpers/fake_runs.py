@@ -20,9 +20,13 @@ def write_untrained_run(folder: Path, experiment: str, data: DictConfig) -> Path
     """The run ``python -m experiments.train experiment=<experiment>`` would write, with the model as
     initialised (no training) and ``data`` as its data config. Leaves Hydra's global state alone."""
     GlobalHydra.instance().clear()
-    # A distilled run (<experiment>_kd_<teacher>, from distill=<teacher>) has its experiment's network.
+    # A distilled run (<experiment>_kd_<teacher>, from distill=<teacher>) has its experiment's network;
+    # a pruned one (<experiment>_pruned, from prune=l1_50) its experiment's, pruned.
+    base = experiment.partition("_kd_")[0]
+    overrides = ([f"experiment={base.removesuffix('_pruned')}", "prune=l1_50"] if base.endswith("_pruned")
+                 else [f"experiment={base}"])
     with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
-        cfg = compose(config_name="train.yaml", overrides=[f"experiment={experiment.partition('_kd_')[0]}"])
+        cfg = compose(config_name="train.yaml", overrides=overrides)
     GlobalHydra.instance().clear()
     with open_dict(cfg):
         cfg.data = OmegaConf.create(OmegaConf.to_container(data, resolve=True))

@@ -21,7 +21,7 @@ ALLOWED = {
     "gating": set(),
     "skipnet": {"gating"},
     "cascades": {"gating"},
-    "models": {"gating", "skipnet"},
+    "models": {"gating", "skipnet", "cascades"},  # cascades: int8 quantization per stage
     "serve": {"gating"},
     "experiments": {"gating", "skipnet", "cascades", "models", "serve"},
 }

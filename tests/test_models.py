@@ -141,15 +141,17 @@ def test_int8_quantization_tracks_the_float_model():
             net(torch.randn(32, 1, 28, 28))
         net.eval()
     calib = [torch.randn(16, 1, 28, 28) for _ in range(4)]
-    qnet = quantize_int8(net, calib)
     x = torch.randn(64, 1, 28, 28)
+    with torch.no_grad():
+        before = net(x)
+    qnet = quantize_int8(net, calib)
     with torch.no_grad():
         ref, out = net(x), qnet(x)
     assert out.dtype == torch.float32 and out.shape == ref.shape  # float in, float out
     assert any("Quantized" in type(m).__name__ or "quantized" in type(m).__module__ for m in qnet.modules())
     assert (out - ref).abs().max() < 0.1 * ref.abs().max()          # int8 error well under the logits' range
     assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.9
-    assert all(torch.equal(a, b) for a, b in zip(net(x[:2]).detach(), ref[:2]))  # the float model is untouched
+    assert torch.equal(before, ref)  # the float model is untouched (the same batch: kernels may round by batch size)
     with pytest.raises(UserError, match="backend must be one of"):
         quantize_int8(net, calib, backend="tensorrt")
     with pytest.raises(UserError, match="at least one input batch"):

@@ -7,8 +7,8 @@
 
 Each step is ``python -m experiments.<task> <overrides>`` in its own process, so it writes its usual
 run folder, which the next step finds (``logs/<task>/runs/<run>/``); a ``bench`` step runs
-``python bench/<script>.py <overrides>`` (a measurement: it is rerun on resume, and writes where its
-``output=`` says). A failing step stops the
+``python bench/<script>.py <overrides>`` (a measurement: it is rerun on resume, writes where its
+``output=`` says, and of ``extra_overrides`` takes only the data's, ``data.*``). A failing step stops the
 pipeline with its name and log; the last step's tables are printed at the end.
 """
 
@@ -56,7 +56,8 @@ def run_pipeline(cfg: DictConfig) -> list[dict]:
             continue
         entry = ([str(Path(cfg.paths.root_dir) / "bench" / f"{step.script}.py")] if step.task == "bench"
                  else ["-m", f"experiments.{step.task}"])
-        extra = [o for o in cfg.extra_overrides if step.task != "bench" or not o.startswith("extras.")]
+        # A bench script has its own config: of the extra overrides it takes the data's (data.*) only.
+        extra = [o for o in cfg.extra_overrides if step.task != "bench" or o.startswith("data.")]
         cmd = [sys.executable, *entry, *step.overrides, *extra, f"paths.log_dir={log_dir}"]
         print(f"[{i}/{len(cfg.pipeline.steps)}] {name}: {' '.join(cmd[1:])}", flush=True)
         step_log = out / f"step{i:02d}_{name}.log"

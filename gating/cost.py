@@ -47,8 +47,13 @@ __all__ = [
 
 # ---------------------------------------------------------------------------------------------- FLOPs
 def count_flops(fn: Callable[..., Any] | nn.Module, *inputs: Any) -> int:
-    """Exact FLOPs of one call ``fn(*inputs)``, counted over the ops that run (no_grad)."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    """Exact FLOPs of one call ``fn(*inputs)``, counted over the ops that run (no_grad).
+
+    Outside inference mode even when called inside it (as Lightning's test loop does): the counter's
+    module tracker hooks the autograd graph of what a module is given, and a module given a parameter
+    (a fake-quantize module given its layer's weight) has none under inference mode.
+    """
+    with torch.inference_mode(False), torch.no_grad(), FlopCounterMode(display=False) as counter:
         fn(*inputs)
     return int(counter.get_total_flops())
 

@@ -16,6 +16,7 @@ from experiments.cascade import run_cascade
 from experiments.eval import evaluate
 from experiments.train import train
 from gating.cost import count_flops
+from gating.errors import UserError
 from tests.conftest import ROOT, compose_config, shrink
 
 
@@ -285,6 +286,47 @@ def test_pruned_run_fine_tunes_the_trained_run_and_loads_with_its_pruned_shapes(
     assert net.blocks()[0].conv1.out_channels == 8 and net.blocks()[0].conv2.out_channels == 16
     ckpt = torch.load(record["checkpoints"]["best"], weights_only=True)["state_dict"]
     torch.testing.assert_close(net.blocks()[0].conv1.weight, ckpt["net.layer1.0.conv1.weight"].to(torch.float32))
+
+
+def test_qat_run_fine_tunes_with_fake_quantization_and_loads_as_int8(tmp_path):
+    from experiments.runs import load_net, read_run, resolve_checkpoint
+    from models.quantize import QATNet, qat_model, quantize_int8
+
+    source = tmp_path / "source"
+    train(shrink(compose_config("train.yaml", ["data=synthetic", "model=resnet20"], source)))
+    float_net = load_net(source)
+    out = tmp_path / "qat"
+    cfg = compose_config("train.yaml", ["data=synthetic", "model=resnet20", "qat=x86",
+                                        f"model.net.pretrained={source}"], out)
+    assert cfg.run_name == "synthetic_resnet20_qat"  # beside the float run, never over it
+    assert cfg.trainer.max_epochs == 3 and cfg.optimizer.lr == 0.001
+    x = torch.randn(32, 1, 16, 16)
+    # Prepared from the float weights, the fake-quantized network computes what the float one does,
+    # up to int8 rounding (observers calibrated on a few batches first).
+    start = instantiate(cfg.model.net, pretrained=str(resolve_checkpoint(source))).eval()  # BatchNorm frozen
+    with torch.no_grad():
+        start.prepared.apply(torch.ao.quantization.disable_fake_quant)
+        for _ in range(3):
+            start(x)  # the observers still record the ranges
+        start.prepared.apply(torch.ao.quantization.enable_fake_quant)
+        ref = float_net(x)
+        assert (start(x).argmax(1) == ref.argmax(1)).float().mean() >= 0.8
+    record = train(shrink(cfg))
+    assert "test/acc" in record["metrics"]
+    _, run_cfg, _ = read_run(out)
+    assert str(run_cfg.model.net.pretrained).endswith(".ckpt")  # the float weights it started from, pinned
+    ckpt = torch.load(record["checkpoints"]["best"], weights_only=True)["state_dict"]
+    assert any(k.endswith("activation_post_process_0.scale") for k in ckpt)  # trained with fake quantization
+    # Rebuilt from its config (no float weights needed) and filled from its checkpoint, the run loads
+    # as the fake-quantized network it was tested as; its int8 module answers as that network did.
+    trained = load_net(out)
+    assert isinstance(trained, QATNet)
+    int8 = quantize_int8(trained, [])  # no calibration: QAT learned its ranges
+    assert any("quantized" in type(m).__module__ for m in int8.modules()) and not isinstance(int8, QATNet)
+    with torch.no_grad():
+        assert (int8(x).argmax(1) == trained(x).argmax(1)).float().mean() >= 0.9
+    with pytest.raises(UserError, match="backend must be one of"):
+        qat_model("resnet20_cifar", [1, 1, 16, 16], backend="tensorrt", num_classes=10, in_chans=1)
 
 
 def test_compare_bench_puts_float_int8_and_pruned_runs_on_one_axis(tmp_path):

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 import experiments  # noqa: F401
 from experiments.report import machine_info, markdown_table, write_json
-from experiments.runs import load_net, load_run, read_run
+from experiments.runs import load_run
 from experiments.utils import run_hydra, user_facing
 from gating.cost import measure_interleaved
 from gating.errors import UserError
@@ -33,11 +33,10 @@ from quantize import mean_cost, predict, read_splits  # the sibling benchmark's 
 
 
 def load_model(run: str) -> torch.nn.Module:
-    """The network of a training run, or the calibrated cascade of an ``experiments.cascade`` run."""
-    _, cfg, _ = read_run(run)
-    if "cascade" in cfg and "model" not in cfg:
-        return load_run(run).cascade.cpu().eval()
-    return load_net(run).cpu().eval()
+    """The network a run holds, of whatever kind ``load_run`` finds there (a classifier, a SkipNet, a
+    calibrated or IDK-head cascade)."""
+    (net,) = load_run(run).modules()
+    return net.cpu().eval()
 
 
 def _plot(rows: list[dict], batch_sizes: list[int], path: Path) -> Path:

@@ -266,15 +266,22 @@ def test_distilled_run_trains_only_the_student_and_loads_as_a_classifier(train_c
 
 
 
+def _fine_tuning_of_a_trained_run(tmp_path, group: str):
+    """A trained synthetic ResNet-20 run, and the composed config of ``group`` (prune=..., qat=...)
+    fine-tuning it: (source folder, output folder, config)."""
+    source = tmp_path / "source"
+    train(shrink(compose_config("train.yaml", ["data=synthetic", "model=resnet20"], source)))
+    out = tmp_path / group.partition("=")[0]
+    cfg = compose_config("train.yaml", ["data=synthetic", "model=resnet20", group,
+                                        f"model.net.pretrained={source}"], out)
+    return source, out, cfg
+
+
 def test_pruned_run_fine_tunes_the_trained_run_and_loads_with_its_pruned_shapes(tmp_path):
     from experiments.runs import load_net, read_run
 
-    source = tmp_path / "source"
-    train(shrink(compose_config("train.yaml", ["data=synthetic", "model=resnet20"], source)))
+    source, out, cfg = _fine_tuning_of_a_trained_run(tmp_path, "prune=l1_50")
     src_net = load_net(source)
-    out = tmp_path / "pruned"
-    cfg = compose_config("train.yaml", ["data=synthetic", "model=resnet20", "prune=l1_50",
-                                        f"model.net.pretrained={source}"], out)
     assert cfg.run_name == "synthetic_resnet20_pruned"  # beside the source run, never over it
     assert cfg.trainer.max_epochs == 8 and cfg.optimizer.lr == 0.01  # a fine-tuning schedule over the experiment's
     record = train(shrink(cfg))
@@ -288,16 +295,12 @@ def test_pruned_run_fine_tunes_the_trained_run_and_loads_with_its_pruned_shapes(
     torch.testing.assert_close(net.blocks()[0].conv1.weight, ckpt["net.layer1.0.conv1.weight"].to(torch.float32))
 
 
-def test_qat_run_fine_tunes_with_fake_quantization_and_loads_as_int8(tmp_path):
+def test_qat_run_fine_tunes_with_fake_quantization_and_converts_to_int8(tmp_path):
     from experiments.runs import load_net, read_run, resolve_checkpoint
     from models.quantize import QATNet, qat_model, quantize_int8
 
-    source = tmp_path / "source"
-    train(shrink(compose_config("train.yaml", ["data=synthetic", "model=resnet20"], source)))
+    source, out, cfg = _fine_tuning_of_a_trained_run(tmp_path, "qat=x86")
     float_net = load_net(source)
-    out = tmp_path / "qat"
-    cfg = compose_config("train.yaml", ["data=synthetic", "model=resnet20", "qat=x86",
-                                        f"model.net.pretrained={source}"], out)
     assert cfg.run_name == "synthetic_resnet20_qat"  # beside the float run, never over it
     assert cfg.trainer.max_epochs == 3 and cfg.optimizer.lr == 0.001
     x = torch.randn(32, 1, 16, 16)

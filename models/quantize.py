@@ -18,9 +18,15 @@ Quantization-aware training (:func:`qat_model`, the ``qat=x86`` config group): a
 is prepared with fake quantization (``prepare_qat_fx``: BatchNorm fused into the convolutions, int8
 rounding simulated in the forward pass, straight-through gradients) and fine-tuned, so the weights
 learn to live with int8 rounding. A QAT run loads as the fake-quantized network it was trained and
-tested as; :meth:`QATNet.convert` (or :func:`quantize_int8` on it) gives the int8 module. On MNIST
-ResNet-38 that conversion lost 4.25 points against the fake-quantized network (98.40% -> 94.15%),
-an open defect (docs/compression.md), so nothing converts a QAT run behind the user's back.
+tested as; :meth:`QATNet.convert` (or :func:`quantize_int8` on it) gives the int8 module. Two
+departures from PyTorch's default x86 QAT qconfig make the fake-quantized network compute what the int8
+one will (without them MNIST ResNet-38 lost 4.25 points in conversion, docs/compression.md):
+
+- activations clamp at the int8 tensor's range, 0..255: the default ``reduce_range`` fake quantization
+  clamps at 127 scale steps, which the converted model (quint8, the same scale) does not, so every value
+  above the learned range was clipped in training and passed through after conversion;
+- the observers record ranges only in training mode (:meth:`QATNet.forward` follows ``training``):
+  evaluation, and a test run, no longer move the learned ranges with the data they are scored on.
 
 An :class:`cascades.IDKCascade` is quantized stage by stage (each stage calibrated on every calibration
 input, the IDK deciders float); its thresholds and temperatures are kept as calibrated in float, so
@@ -34,6 +40,7 @@ from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
+from torch.ao.quantization import FakeQuantize
 
 from cascades.model import IDKCascade
 from gating.errors import UserError
@@ -65,8 +72,16 @@ class QATNet(nn.Module):
     def __init__(self, prepared: nn.Module, backend: str, num_classes: int) -> None:
         super().__init__()
         self.prepared, self.backend, self.num_classes = prepared, backend, num_classes
+        self._observing = True  # prepare_qat_fx leaves every observer on
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Training mode records the ranges; evaluation uses them as they are. Checked here, not in
+        # train(): Lightning restores modes by setting each module's ``training`` flag directly.
+        if self.training != self._observing:
+            from torch.ao.quantization import disable_observer, enable_observer
+
+            self.prepared.apply(enable_observer if self.training else disable_observer)
+            self._observing = self.training
         return self.prepared(x)
 
     @torch.no_grad()
@@ -78,6 +93,43 @@ class QATNet(nn.Module):
         return convert_fx(copy.deepcopy(self.prepared).cpu().eval())
 
 
+class Int8RangeFakeQuantize(FakeQuantize):
+    """Fake quantization of activations as the converted int8 model quantizes them: the scale and zero
+    point come from the observer (over its reduced range, which keeps x86 kernels from saturating on
+    the recorded values), while values clamp at the full quint8 range, 0..255, as a real quint8 tensor
+    with that scale does. PyTorch's default clamps at the observer's reduced range instead, so values
+    above the recorded range are clipped in training and not after conversion."""
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        if self.observer_enabled[0] == 1:
+            self.activation_post_process(X.detach())
+            scale, zero_point = self.calculate_qparams()
+            if self.scale.shape != scale.shape:
+                self.scale.resize_(scale.shape)
+                self.zero_point.resize_(zero_point.shape)
+            self.scale.copy_(scale.to(self.scale.device))
+            self.zero_point.copy_(zero_point.to(self.zero_point.device))
+        if self.fake_quant_enabled[0] == 1:
+            info = torch.iinfo(torch.uint8) if self.dtype == torch.quint8 else torch.iinfo(torch.int8)
+            X = torch.fake_quantize_per_tensor_affine(X, self.scale, self.zero_point, info.min, info.max)
+        return X
+
+
+def _qat_qconfig_mapping(backend: str):
+    """The backend's default QAT qconfig mapping, with activations fake-quantized by
+    :class:`Int8RangeFakeQuantize` (weights as the default: per-channel symmetric int8)."""
+    from torch.ao.quantization import QConfig, get_default_qat_qconfig_mapping
+    from torch.ao.quantization.observer import MovingAverageMinMaxObserver
+
+    mapping = get_default_qat_qconfig_mapping(backend)
+    reduce_range = backend in ("x86", "fbgemm")  # as the default: 7-bit activation scales on x86
+    activation = Int8RangeFakeQuantize.with_args(observer=MovingAverageMinMaxObserver, quant_min=0,
+                                                 quant_max=255, dtype=torch.quint8, reduce_range=reduce_range)
+    # The global qconfig covers what a residual classifier quantizes (convolutions, linears, adds, ReLUs);
+    # ops with fixed output ranges (sigmoid, tanh) keep the default's.
+    return mapping.set_global(QConfig(activation=activation, weight=mapping.global_qconfig.weight))
+
+
 def qat_model(model_name: str, example_shape: list[int], backend: str = "x86", **kwargs) -> QATNet:
     """Build the registered ``model_name`` (``kwargs`` as :func:`models.create_model` takes them, the
     float weights to start from as ``pretrained``) and prepare it for quantization-aware training.
@@ -86,7 +138,6 @@ def qat_model(model_name: str, example_shape: list[int], backend: str = "x86", *
     needs an example. The preparation is deterministic, so a run's config rebuilds the same module,
     and its checkpoint (weights, fake-quantize scales and observer ranges) fills it.
     """
-    from torch.ao.quantization import get_default_qat_qconfig_mapping
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
     from models.registry import create_model
@@ -95,7 +146,7 @@ def qat_model(model_name: str, example_shape: list[int], backend: str = "x86", *
     torch.backends.quantized.engine = backend
     net = create_model(model_name, **kwargs).train()
     try:
-        prepared = prepare_qat_fx(net, get_default_qat_qconfig_mapping(backend), (torch.zeros(*example_shape),))
+        prepared = prepare_qat_fx(net, _qat_qconfig_mapping(backend), (torch.zeros(*example_shape),))
     except Exception as e:  # torch.fx's trace errors name the unsupported construct
         raise UserError(f"{model_name} cannot be traced for quantization-aware training: {e}") from e
     return QATNet(prepared, backend, net.num_classes)

@@ -158,6 +158,29 @@ def test_int8_quantization_tracks_the_float_model():
         quantize_int8(net, [])
 
 
+def test_qat_network_computes_what_its_int8_conversion_computes():
+    """The fake-quantized network is what the int8 one will be, beyond the recorded ranges too (PyTorch's
+    default x86 QAT clamps activations at 127 scale steps, the converted quint8 model at 255: values above
+    the recorded range were clipped in training and not after conversion), and evaluation freezes ranges."""
+    from models.quantize import qat_model
+
+    torch.manual_seed(0)
+    net = qat_model("resnet20_cifar", [1, 1, 16, 16], num_classes=10, in_chans=1)
+    with torch.no_grad():
+        for _ in range(3):  # training mode: BatchNorm statistics and the activation ranges are recorded
+            net(torch.randn(32, 1, 16, 16))
+        net.eval()
+        scales = {k: v.clone() for k, v in net.state_dict().items() if k.endswith(".scale")}
+        x = 3 * torch.randn(64, 1, 16, 16)  # well beyond the recorded input range
+        fake, int8 = net(x), net.convert()(x)
+        assert all(torch.equal(v, net.state_dict()[k]) for k, v in scales.items())  # evaluation moved no range
+        assert (fake - int8).abs().max() < 0.05 * fake.abs().max()
+        assert (fake.argmax(1) == int8.argmax(1)).float().mean() >= 0.95
+        net.train()
+        net(x)
+        assert any(not torch.equal(v, net.state_dict()[k]) for k, v in scales.items())  # training records again
+
+
 def test_int8_skipnet_is_quantized_per_block_and_still_skips():
     from models.quantize import Int8Block, quantize_int8
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from cascades import CascadeAdapter, load_cascade_state
+from cascades import CascadeAdapter, IDKCascade, load_cascade_state
 from experiments.compat import REFERENCE_BUILDERS, upgrade_targets
 from gating.adapters import ModelAdapter, StaticAdapter
 from gating.errors import UserError
@@ -214,7 +214,9 @@ def _data_facts(cfg: DictConfig) -> tuple[tuple[int, ...] | None, int | None]:
 
 
 def load_run(run: str | Path, name: str | None = None, kind: str | None = None, thresholds: Sequence[float] = (),
-             seed: int = 0, match: str | None = None, frontier: bool = True, **legacy: Any) -> ModelAdapter:
+             seed: int = 0, match: str | None = None, frontier: bool = True, int8: bool = False,
+             calibration_batches: int = 8, compile: bool = False, compile_backend: str = "inductor",
+             **legacy: Any) -> ModelAdapter:
     """The model a run folder holds, behind the right adapter.
 
     Args:
@@ -226,6 +228,16 @@ def load_run(run: str | Path, name: str | None = None, kind: str | None = None, 
         thresholds: SkipNet: extra operating points, one per gate threshold.
         seed, match: random skipping: the seed, and the SkipNet model whose per-block rates to copy.
         frontier: cascades: the run's epsilon frontier as extra operating points.
+        int8: quantize the network to int8 (:func:`models.quantize.quantize_int8`: a classifier whole, a
+            SkipNet per block, a cascade per stage with its float thresholds; a QAT run converted with
+            the ranges it learned), calibrated on ``calibration_batches`` batches of the val split of
+            the run's own data. Int8 kernels run on the CPU only.
+        compile: run compiled (``torch.compile``, Inductor, the batch dimension dynamic:
+            :class:`gating.execution.DynamicBatchCompiled`): a classifier whole, a cascade's stages each,
+            a SkipNet's residual blocks each (its gates and decisions stay eager, so rows are still
+            compacted between blocks). The first calls of each input shape compile (seconds to minutes).
+            ``compile_backend``: torch.compile's backend (``inductor``; ``aot_eager`` traces without
+            generating code, to check a model compiles).
         **legacy: what the builders this loader replaced took (``_target_`` naming one of them,
             ``levels_from_frontier``); anything else is an error.
     """
@@ -233,21 +245,25 @@ def load_run(run: str | Path, name: str | None = None, kind: str | None = None, 
     frontier = frontier and legacy.pop("levels_from_frontier", True)
     if legacy:
         raise UserError(f"model {name or run!r}: unknown option(s) {sorted(legacy)}; a model reference takes run, "
-                        f"kind, thresholds, seed, match, frontier")
+                        f"kind, thresholds, seed, match, frontier, int8, calibration_batches, compile, compile_backend")
     if kind is not None and kind not in KINDS:
         raise UserError(f"model {name or run!r}: kind must be one of {list(KINDS)} or left out, got {kind!r}")
     folder, cfg, record = read_run(run)
     name = name or record.get("run_name") or folder.parent.name
     shape, classes = _data_facts(cfg)
     facts = {"name": name, "input_shape": shape, "num_classes": classes}
+
+    def quantized(module: nn.Module) -> nn.Module:
+        return _inference_form(module, cfg, name, int8, calibration_batches, compile_backend if compile else None)
+
     if "cascade" in cfg and "model" not in cfg:  # an experiments.cascade run: the calibrated cascade
         node = cfg.cascade
         node.checkpoint = str(folder / CHECKPOINTS / "cascade.pt")
-        return CascadeAdapter(instantiate(node), record.get("frontier", []) if frontier else [], **facts)
+        return CascadeAdapter(quantized(instantiate(node)), record.get("frontier", []) if frontier else [], **facts)
     if "cascade" in cfg.get("model", {}):  # an IDK-head training run: its learned heads
         cascade = instantiate(cfg.model.cascade)
-        return CascadeAdapter(load_cascade_state(cascade, resolve_checkpoint(folder)), **facts)
-    net = _trained_net(folder, cfg, record)
+        return CascadeAdapter(quantized(load_cascade_state(cascade, resolve_checkpoint(folder))), **facts)
+    net = quantized(_trained_net(folder, cfg, record))
     if kind == "random_skip":
         if not isinstance(net, SkipResNet):
             raise UserError(f"random skipping needs a SkipNet run; {str(folder)!r} holds a {type(net).__name__}")
@@ -255,6 +271,48 @@ def load_run(run: str | Path, name: str | None = None, kind: str | None = None, 
     if isinstance(net, SkipResNet):
         return SkipNetAdapter(net, thresholds, **facts)
     return StaticAdapter(net, **facts)
+
+
+def _inference_form(module: nn.Module, cfg: DictConfig, name: str, int8: bool, batches: int,
+                    compile_backend: str | None) -> nn.Module:
+    """``module`` as :func:`load_run` was asked to run it: int8, compiled, or as it is."""
+    if int8 and compile_backend:
+        raise UserError(f"model {name!r}: int8 and compile together are not supported (Inductor does not take "
+                        f"the eager int8 modules); choose one")
+    if compile_backend:
+        return compile_for_inference(module, compile_backend)
+    return _int8_of(module, cfg, batches, name) if int8 else module
+
+
+def _int8_of(module: nn.Module, cfg: DictConfig, batches: int, name: str) -> nn.Module:
+    """``module`` quantized to int8, calibrated on ``batches`` val batches of the run's own data."""
+    from models.quantize import quantize_int8
+
+    if "data" not in cfg:
+        raise UserError(f"model {name!r}: int8 needs the run's data config to calibrate on, and its run has none")
+    if batches < 1:
+        raise UserError(f"model {name!r}: calibration_batches must be at least 1, got {batches}")
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    calibration = [x for _, (x, _) in zip(range(batches), datamodule.val_dataloader())]
+    return quantize_int8(module, calibration)
+
+
+def compile_for_inference(module: nn.Module, backend: str = "inductor") -> nn.Module:
+    """``module`` with its static parts compiled for inference, in place where it has parts (see
+    :func:`load_run`'s ``compile``): a SkipNet's blocks, a cascade's stages, else the module whole."""
+    from gating.execution import DynamicBatchCompiled
+
+    module.eval()
+    if isinstance(module, SkipResNet):
+        module.replace_blocks([DynamicBatchCompiled(b, backend) for b in module.blocks()])
+        return module
+    if isinstance(module, IDKCascade):
+        for k, stage in enumerate(module.stages):
+            module.stages[k] = DynamicBatchCompiled(stage, backend)
+        return module
+    return DynamicBatchCompiled(module, backend)
 
 
 def _legacy_kind(kind: str | None, legacy: dict[str, Any]) -> str | None:

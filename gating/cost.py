@@ -34,6 +34,7 @@ __all__ = [
     "count_flops",
     "flops_by_module",
     "int8_ops",
+    "is_quantized",
     "model_cost",
     "linear_flops",
     "measure_interleaved",
@@ -130,6 +131,12 @@ def _quantized_kinds() -> tuple[tuple[type, ...], tuple[type, ...]]:
     import torch.ao.nn.quantized as nnq
 
     return (nnq.Conv1d, nnq.Conv2d, nnq.Conv3d), (nnq.Linear,)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether ``model`` holds int8 convolutions or linears (which run on the CPU's int8 kernels only)."""
+    convs, linears = _quantized_kinds()
+    return any(isinstance(m, convs + linears) for m in model.modules())
 
 
 def int8_ops(model: nn.Module, *inputs: Any, forward: Callable[..., Any] | None = None) -> int:
@@ -360,10 +367,13 @@ def build_cost_table(
     names = tuple(n for n, _ in blocks)
     block_flops = torch.tensor([float(per_module.get(n, 0)) for n in names], dtype=torch.float64)
     skip = []
+    paths = {id(mod): name for name, mod in model.named_modules()}
     for n, m in blocks:
-        # What a skipped block still runs: its projection shortcut (torchvision/timm name it downsample).
+        # What a skipped block still runs: its projection shortcut (torchvision/timm name it downsample),
+        # found by identity: a wrapped block (a compiled one) keeps it one level deeper.
         ds = getattr(m, "downsample", None)
-        skip.append(float(per_module.get(f"{n}.downsample", 0)) if isinstance(ds, nn.Module) else 0.0)
+        skip.append(float(per_module.get(paths.get(id(ds), f"{n}.downsample"), 0)) if isinstance(ds, nn.Module)
+                    else 0.0)
     gate_flops = float(sum(per_module.get(g, 0) for g in gates))
     fixed = float(total) - float(block_flops.sum()) - gate_flops
     return CostTable(names, block_flops, torch.tensor(skip, dtype=torch.float64), fixed, gate_flops,

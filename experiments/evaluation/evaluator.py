@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from gating.adapters import BatchResult, ModelAdapter, Point
-from gating.cost import measure_latency
+from gating.cost import int8_ops, is_quantized, measure_latency
 from gating.errors import UserError
 from skipnet import RandomSkipAdapter
 
@@ -118,6 +119,11 @@ def _evaluate_point(model: ModelAdapter, point: Point, x: torch.Tensor, labels: 
                     batch_size: int, latency: Any, res: EvaluationResult) -> None:
     out = run_all(model, x, batch_size, point)
     row = _point_row(model, point, out, labels)
+    if any(is_quantized(m) for m in model.modules()):
+        # int8 work is not float FLOPs (the FLOP counter does not see it): counted apart, exactly, over
+        # the same inputs with the same compaction (hooks on the int8 layers that run).
+        ops = int8_ops(nn.ModuleList(model.modules()), x, forward=lambda x: run_all(model, x, batch_size, point))
+        row["int8_gops_per_img"] = ops / len(x) / 1e9
     per_batch: list[float] = []
     if latency.enabled:
         row["batch_ms_per_img"], per_batch = _batch_ms_per_input(model, x, batch_size, device, latency.batch_repeats,
@@ -143,6 +149,9 @@ def evaluate_models(models: list[ModelAdapter], x: torch.Tensor, y: torch.Tensor
     ``latency``: ``enabled``, ``batch1_inputs`` (how many inputs to time at batch 1; all if null),
     ``warmup``, ``repeats``, ``batch_repeats``, ``max_seconds`` (per batch).
     """
+    int8 = [m.name for m in models if any(is_quantized(n) for n in m.modules())]
+    if int8 and device.type != "cpu":
+        raise UserError(f"{int8} are int8 models, whose kernels run on the CPU only: evaluate with device=cpu")
     res = EvaluationResult()
     x, labels = x.to(device), y.cpu()
     names = [m.name for m in models]

@@ -14,14 +14,16 @@ import numpy as np
 
 from experiments.evaluation.difficulty import Buckets
 from experiments.report import markdown_table
+from gating.thresholds import pareto_front
 
-__all__ = ["BUCKET_COLUMNS", "PARETO_COLUMNS", "bucket_table", "cost_trend", "pareto_table", "plot_all",
-           "print_report", "render_report", "trend_statements"]
+__all__ = ["BUCKET_COLUMNS", "PARETO_COLUMNS", "bucket_table", "cost_trend", "latency_frontiers", "pareto_table",
+           "plot_all", "print_report", "render_report", "trend_statements"]
 
 BUCKET_COLUMNS = ["method", "bucket", "count", "acc", "gflops_mean", "gflops_p95", "blocks_mean", "exit_shares",
                   "batch1_ms_p50", "batch1_ms_p95", "batch_share_ms_mean"]
-PARETO_COLUMNS = ["method", "point", "acc", "acc_delta_pts", "gflops_per_img", "flops_cut_pct", "batch_ms_per_img",
-                  "speedup", "batch1_ms_p50", "blocks_per_img", "exit_shares"]
+PARETO_COLUMNS = ["method", "point", "acc", "acc_delta_pts", "gflops_per_img", "int8_gops_per_img", "flops_cut_pct",
+                  "ops_cut_pct", "batch_ms_per_img", "speedup", "batch1_ms_p50", "blocks_per_img", "exit_shares",
+                  "frontier_batch1", "frontier_batch"]
 
 
 def _pct(v: np.ndarray, q: float) -> float:
@@ -107,22 +109,63 @@ def cost_trend(table: Sequence[dict[str, Any]], kinds: dict[str, str],
 def pareto_table(points: Sequence[dict[str, Any]], reference: str | None) -> list[dict[str, Any]]:
     """Every operating point with its accuracy, cost and time, relative to the reference method."""
     ref = next((p for p in points if p["method"] == reference and p["point"] == "default"), None)
+    front = latency_frontiers(points)
     rows = []
     for p in points:
-        row = {k: p.get(k) for k in ("method", "kind", "point", "acc", "gflops_per_img", "gflops_p95",
-                                     "batch_ms_per_img", "batch1_ms_p50", "blocks_per_img", "exit_shares")}
+        row = {k: p.get(k) for k in ("method", "kind", "point", "acc", "gflops_per_img", "int8_gops_per_img",
+                                     "gflops_p95", "batch_ms_per_img", "batch1_ms_p50", "blocks_per_img",
+                                     "exit_shares")}
         if ref is not None:
             row["acc_delta_pts"] = 100.0 * (p["acc"] - ref["acc"])
-            row["flops_cut_pct"] = 100.0 * (1 - p["gflops_per_img"] / ref["gflops_per_img"])
+            if p.get("int8_gops_per_img") or ref.get("int8_gops_per_img"):
+                # int8 operations are not FLOPs: the cut is of all operations, float and int8 together
+                row["ops_cut_pct"] = 100.0 * (1 - _ops(p) / _ops(ref))
+            else:
+                row["flops_cut_pct"] = 100.0 * (1 - p["gflops_per_img"] / ref["gflops_per_img"])
             if p.get("batch_ms_per_img") and ref.get("batch_ms_per_img"):
                 row["speedup"] = ref["batch_ms_per_img"] / p["batch_ms_per_img"]
+        for key, axis in (("frontier_batch1", "batch1"), ("frontier_batch", "batch")):
+            if front[axis]:
+                row[key] = _label(p) in front[axis]
         rows.append(row)
     return rows
 
 
+def _ops(p: dict[str, Any]) -> float:
+    return p["gflops_per_img"] + (p.get("int8_gops_per_img") or 0.0)
+
+
+def _label(p: dict[str, Any]) -> str:
+    return p["method"] if p["point"] == "default" else f"{p['method']}@{p['point']}"
+
+
+LATENCY_AXES = {"batch1": "batch1_ms_p50", "batch": "batch_ms_per_img"}
+
+
+def latency_frontiers(points: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
+    """The accuracy/latency Pareto frontier on each measured axis, fastest first, as point labels
+    (``method``, or ``method@point`` for a further operating point): ``batch1`` (median latency of one
+    input alone; main points only, the others are not timed at batch 1) and ``batch`` (measured ms per
+    input at the evaluation batch size). An axis no point was timed on has an empty frontier."""
+    out = {}
+    for axis, key in LATENCY_AXES.items():
+        timed = [p for p in points if p.get(key) is not None and not math.isnan(p[key])]
+        out[axis] = [_label(p) for p in pareto_front(timed, cost=lambda p, k=key: p[k], accuracy=lambda p: p["acc"])]
+    return out
+
+
+def frontier_statements(points: Sequence[dict[str, Any]], batch_size: int) -> list[str]:
+    """One sentence per latency axis naming its frontier."""
+    front = latency_frontiers(points)
+    what = {"batch1": "median latency at batch 1", "batch": f"measured ms per input at batch {batch_size}"}
+    return [f"Latency frontier ({what[a]}; test accuracy against it, fastest first): {', '.join(front[a])}"
+            for a in LATENCY_AXES if front[a]]
+
+
 def plot_all(points: Sequence[dict[str, Any]], table: Sequence[dict[str, Any]], buckets: Buckets, out: Path,
              batch_size: int) -> list[Path]:
-    """accuracy_vs_gflops.png, accuracy_vs_latency.png and bucket_cost.png in ``out``."""
+    """accuracy_vs_gflops.png, accuracy_vs_latency.png (the latency frontiers at batch 1 and at the
+    evaluation batch size) and bucket_cost.png in ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,24 +173,23 @@ def plot_all(points: Sequence[dict[str, Any]], table: Sequence[dict[str, Any]], 
 
     paths = []
     methods = list(dict.fromkeys(p["method"] for p in points))
-    for key, xlabel, fname in (("gflops_per_img", "GFLOPs per image (exact)", "accuracy_vs_gflops.png"),
-                               ("batch_ms_per_img", f"measured ms per image at batch {batch_size}",
-                                "accuracy_vs_latency.png")):
-        if not all(p.get(key) is not None for p in points):
-            continue
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        for m in methods:
-            pts = sorted((p[key], 100 * p["acc"]) for p in points if p["method"] == m)
-            ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=m)
-        ax.set_xscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=120)
-        plt.close(fig)
-        paths.append(out / fname)
+    int8 = any(p.get("int8_gops_per_img") for p in points)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for m in methods:
+        pts = sorted((_ops(p), 100 * p["acc"]) for p in points if p["method"] == m)
+        ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=m)
+    ax.set_xscale("log")
+    ax.set_xlabel("G operations per image (float FLOPs + int8 ops, exact)" if int8 else "GFLOPs per image (exact)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_gflops.png", dpi=120)
+    plt.close(fig)
+    paths.append(out / "accuracy_vs_gflops.png")
+    latency = _plot_latency_frontiers(points, out / "accuracy_vs_latency.png", batch_size)
+    if latency is not None:
+        paths.append(latency)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     width = 0.8 / max(len(methods), 1)
@@ -166,6 +208,38 @@ def plot_all(points: Sequence[dict[str, Any]], table: Sequence[dict[str, Any]], 
     plt.close(fig)
     paths.append(out / "bucket_cost.png")
     return paths
+
+
+def _plot_latency_frontiers(points: Sequence[dict[str, Any]], path: Path, batch_size: int) -> Path | None:
+    """Test accuracy against measured latency, one panel per axis timed: every point, named, the
+    frontier marked (o, joined) and the dominated ones crossed (x)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    front = latency_frontiers(points)
+    axes_timed = [a for a in LATENCY_AXES if front[a]]
+    if not axes_timed:
+        return None
+    titles = {"batch1": "median latency at batch 1 (ms)", "batch": f"ms per input at batch {batch_size}"}
+    fig, axes = plt.subplots(1, len(axes_timed), figsize=(6 * len(axes_timed), 4.5), squeeze=False)
+    for ax, axis in zip(axes[0], axes_timed):
+        key = LATENCY_AXES[axis]
+        timed = [p for p in points if p.get(key) is not None and not math.isnan(p[key])]
+        on = set(front[axis])
+        for p in timed:
+            ax.scatter(p[key], 100 * p["acc"], marker="o" if _label(p) in on else "x",
+                       color="C0" if _label(p) in on else "C7")
+            ax.annotate(_label(p), (p[key], 100 * p["acc"]), fontsize=7, xytext=(3, 2), textcoords="offset points")
+        f = sorted((p for p in timed if _label(p) in on), key=lambda p: p[key])
+        ax.plot([p[key] for p in f], [100 * p["acc"] for p in f], "--", lw=1, color="C0")
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # log minor tick labels overlap on a narrow range
+        ax.set(xlabel=titles[axis], ylabel="test accuracy (%)", title="frontier o, dominated x")
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 # ----------------------------------------------------------------------------------------- rendering

@@ -24,6 +24,8 @@ from experiments.evaluation.evaluator import EvaluationResult, evaluate_models
 from experiments.evaluation.report import (
     bucket_table,
     cost_trend,
+    frontier_statements,
+    latency_frontiers,
     pareto_table,
     plot_all,
     print_report,
@@ -107,7 +109,8 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
         res = evaluate_models(models, x, y, device, ev.batch_size, ev.latency)
     buckets = make_buckets(ev.difficulty, res, y.numpy(), None if recorded is None else recorded.numpy())
     tables = summarize(res, buckets, models, ev.get("reference"))
-    statements = trend_statements(tables["trend"]) + adaptivity_statements(tables["adaptivity"])
+    statements = (trend_statements(tables["trend"]) + adaptivity_statements(tables["adaptivity"])
+                  + frontier_statements(res.points, ev.batch_size))
     for name, rows in (("records", res.records), ("points", res.points), ("buckets", tables["buckets"]),
                        ("pareto", tables["pareto"])):
         write_csv(out / f"{name}.csv", rows)
@@ -122,8 +125,10 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
         "difficulty": {"definition": buckets.definition, "labels": buckets.labels,
                        "counts": np.bincount(buckets.bucket, minlength=len(buckets.labels)).tolist()},
         "cost_by_difficulty": tables["trend"], "adaptivity": tables["adaptivity"], "statements": statements,
+        "latency_frontier": latency_frontiers(res.points),
         "metrics": {f"{p['method']}/{p['point']}/{k}": p[k] for p in res.points
-                    for k in ("acc", "gflops_per_img", "batch_ms_per_img", "batch1_ms_p50") if p.get(k) is not None},
+                    for k in ("acc", "gflops_per_img", "int8_gops_per_img", "batch_ms_per_img", "batch1_ms_p50")
+                    if p.get(k) is not None},
         "points": res.points, "buckets": tables["buckets"], "plots": [str(p) for p in plots],
         "timings": watch.times, "machine": machine_info(device),
     }

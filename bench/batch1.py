@@ -3,6 +3,7 @@
     python bench/batch1.py                                          # prints the table, writes JSON
     python bench/batch1.py output=docs/results/batch1_mnist_cpu.json
     python bench/batch1.py device=cuda
+    python bench/batch1.py compile=true                              # torch.compile (Inductor) of every part
 
 For every test input, one call of each variant, interleaved (so that machine drift hits them alike):
 
@@ -26,7 +27,7 @@ from omegaconf import DictConfig
 import experiments  # noqa: F401
 from experiments.data.base import batches_to_tensor
 from experiments.report import machine_info, markdown_table, pick_device, write_json
-from experiments.runs import load_net
+from experiments.runs import compile_for_inference, load_net
 from experiments.utils import run_hydra, user_facing
 from gating.cost import LatencyStats, measure_interleaved
 
@@ -50,6 +51,8 @@ def main(cfg: DictConfig) -> None:
     x_test, _ = batches_to_tensor(dm.test_dataloader())
     x_test = x_test[: cfg.n_inputs].to(device) if cfg.n_inputs else x_test.to(device)
     resnet, skipnet = (load_net(r).to(device).eval() for r in (cfg.resnet_run, cfg.skipnet_run))
+    if cfg.compile:  # the ResNet whole, the SkipNet's blocks (its gates and decisions stay eager)
+        resnet, skipnet = compile_for_inference(resnet), compile_for_inference(skipnet)
     all_on = torch.ones(1, skipnet.num_blocks, device=device)
     samples: dict[str, list[float]] = {}
     executed = []
@@ -75,7 +78,8 @@ def main(cfg: DictConfig) -> None:
     print("\n" + "  ".join(f"{k}={v:.4g}" for k, v in ratios.items()))
     path = write_json(cfg.output, {"rows": rows, "ratios": ratios, "machine": machine_info(device),
                                    "config": {"resnet_run": cfg.resnet_run, "skipnet_run": cfg.skipnet_run,
-                                              "n_inputs": len(x_test), "threads": torch.get_num_threads()}})
+                                              "n_inputs": len(x_test), "threads": torch.get_num_threads(),
+                                              "compile": bool(cfg.compile)}})
     print(f"\nwritten: {path}")
 
 

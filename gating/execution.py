@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -133,7 +134,8 @@ class DynamicBatchCompiled(torch.nn.Module):
     torch.compile specialises sizes 0 and 1, so at most two are built for one input shape.
 
     Inductor makes C++ kernels on the CPU and Triton kernels on a GPU. Parameters are the module's
-    own (``self.module``), so a state dict loads into either.
+    own (``self.module``), so a state dict loads into either. Under a dispatch mode (the FLOP counter
+    of :mod:`gating.cost`) it runs the module eagerly, so exact costs are counted as for the module.
 
     Args:
         module: the network or stage, in eval mode for inference.
@@ -148,7 +150,15 @@ class DynamicBatchCompiled(torch.nn.Module):
         # The bound forward, not the module: compiling the module would register it a second time.
         self._compiled = torch.compile(module.forward, backend=backend, mode=mode)
 
+    @property
+    def downsample(self) -> torch.nn.Module | None:
+        """A wrapped residual block's projection shortcut (what a skipped block runs), left eager."""
+        return getattr(self.module, "downsample", None)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if _get_current_dispatch_mode() is not None:
+            # Under a dispatch mode (the FLOP counter) run eagerly: the same ops, each one seen.
+            return self.module(x, *args, **kwargs)
         if x.shape[0] > 1:
             # maybe_: a size-1 batch stays specialised instead of failing the dynamic-dim check.
             torch._dynamo.maybe_mark_dynamic(x, 0)

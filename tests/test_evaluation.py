@@ -10,8 +10,10 @@ import torch
 from omegaconf import open_dict
 
 from experiments.evaluation.difficulty import confidence_buckets, ladder_buckets, score_buckets
+from experiments.evaluation.evaluator import evaluate_models
 from experiments.evaluation.report import bucket_table, cost_trend
 from experiments.evaluation.run import compare
+from experiments.runs import load_run
 from gating import UserError
 from gating.adapters import StaticAdapter
 from models import create_model
@@ -141,6 +143,87 @@ def test_severity_evaluation_on_digits_c(digits_runs, tmp_path):
     assert record["difficulty"]["labels"] == [f"{k}:severity{k}" for k in range(6)]
     assert record["difficulty"]["counts"] == [50, 78, 58, 46, 62, 66]  # digits_c's test mix, seed 0
     assert len(record["adaptivity"]["skipnet20"]["buckets"]) == 6  # no bucket set aside by severity
+
+
+def test_evaluation_takes_int8_models_and_names_the_latency_frontier(digits_runs, tmp_path):
+    """int8 references (a classifier, a SkipNet per block, a cascade per stage) are evaluated beside the
+    float ones; their int8 operations are counted apart from float FLOPs; the report names the
+    accuracy/latency frontier at batch 1 and at the evaluation batch size."""
+    cfg = compose_config("eval.yaml", ["experiment=digits_eval_dynamic"], tmp_path)
+    with open_dict(cfg):
+        cfg.device = "cpu"
+        cfg.evaluation.latency.batch1_inputs = 10
+        cfg.evaluation.latency.batch_repeats = 1
+        cfg.evaluation.difficulty = {"kind": "confidence", "reference": "resnet20", "buckets": 2}
+        methods = cfg.evaluation.methods
+        methods.linear = methods.tiny_cnn = methods.random_skip = None
+        for node in methods.values():
+            if node is not None:
+                node.run = node.run.replace(str(tmp_path / "logs"), str(digits_runs))
+        methods.skipnet20.thresholds = []
+        methods.cascade_3stage.frontier = False
+        for name in ("resnet20", "skipnet20", "cascade_3stage"):
+            methods[f"{name}_int8"] = {**methods[name], "int8": True, "calibration_batches": 2}
+    record = compare(cfg)
+    points = {p["method"]: p for p in record["points"] if p["point"] == "default"}
+    for name in ("resnet20", "skipnet20", "cascade_3stage"):
+        assert points[f"{name}_int8"].get("int8_gops_per_img", 0) > 0, name
+        assert "int8_gops_per_img" not in points[name]
+        assert abs(points[f"{name}_int8"]["acc"] - points[name]["acc"]) <= 0.1
+    # ResNet-20 in int8 runs the float model's convolutions and linear as int8 multiply-adds, nothing in float.
+    f, q = points["resnet20"], points["resnet20_int8"]
+    assert q["int8_gops_per_img"] == pytest.approx(f["gflops_per_img"], rel=0.02)
+    assert q["gflops_per_img"] < 0.02 * f["gflops_per_img"]
+    front = record["latency_frontier"]
+    assert set(front) == {"batch1", "batch"} and front["batch1"] and front["batch"]
+    assert set(front["batch1"]) <= set(points)  # main points are the ones timed at batch 1
+    fastest = min(points.values(), key=lambda p: p["batch1_ms_p50"])
+    assert front["batch1"][0] == fastest["method"]  # fastest first; the fastest is never dominated
+    best = max(points.values(), key=lambda p: (p["acc"], -p["batch1_ms_p50"]))
+    assert front["batch1"][-1] == best["method"]
+    report = (tmp_path / "report.md").read_text()
+    assert "Latency frontier (median latency at batch 1" in report and "int8_gops_per_img" in report
+    with (tmp_path / "pareto.csv").open() as fh:
+        rows = {r["method"]: r for r in csv.DictReader(fh) if r["point"] == "default"}
+    assert {m for m, r in rows.items() if r["frontier_batch1"] == "True"} == set(front["batch1"])
+    with pytest.raises(UserError, match="run on the CPU only"):
+        evaluate_models([load_run(methods.resnet20_int8.run, int8=True, calibration_batches=1)],
+                        torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long), torch.device("cuda"), 2,
+                        cfg.evaluation.latency)
+
+
+@pytest.mark.parametrize("run", ["train/runs/digits_resnet20", "train/runs/digits_skipnet20_rl",
+                                 "cascade/runs/digits_linear-tiny_cnn-resnet20_max_prob"])
+def test_compiled_models_answer_and_cost_as_the_eager_ones(digits_runs, run):
+    """``compile: true`` (a classifier whole, a SkipNet's blocks, a cascade's stages) gives the eager outputs,
+    decisions and exact FLOPs at every sub-batch size, from one graph for all sizes above one. The
+    ``aot_eager`` backend traces as Inductor does without generating code (the Inductor path itself:
+    test_gating's compiled-stage test)."""
+    from torch._dynamo.utils import counters
+
+    from gating.execution import DynamicBatchCompiled
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = load_run(digits_runs / run)
+    compiled = load_run(digits_runs / run, compile=True, compile_backend="aot_eager")
+    assert any(isinstance(m, DynamicBatchCompiled) for net in compiled.modules() for m in net.modules())
+    torch.manual_seed(0)
+    for b in (7, 3, 1, 12, 5):
+        x = torch.randn(b, 1, 8, 8)
+        want, got = eager.run(x), compiled.run(x)
+        torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got.flops, want.flops)
+        for name in ("exit_stage", "executed"):
+            assert (getattr(got, name) is None) == (getattr(want, name) is None)
+            if getattr(want, name) is not None:
+                assert torch.equal(getattr(got, name), getattr(want, name))
+    # Each compiled part builds at most two graphs (size one, and one for all larger sizes), not one per size.
+    parts = sum(isinstance(m, DynamicBatchCompiled) for net in compiled.modules() for m in net.modules())
+    assert counters["stats"]["unique_graphs"] <= 2 * parts
+    torch._dynamo.reset()
+    with pytest.raises(UserError, match="int8 and compile together"):
+        load_run(digits_runs / run, compile=True, int8=True)
 
 
 def _rec(method, i, flops, correct, pattern="", exit_stage=-1):

@@ -221,11 +221,16 @@ def _plot_latency_frontiers(points: Sequence[dict[str, Any]], path: Path, batch_
     if not axes_timed:
         return None
     titles = {"batch1": "median latency at batch 1 (ms)", "batch": f"ms per input at batch {batch_size}"}
-    fig, axes = plt.subplots(1, len(axes_timed), figsize=(6 * len(axes_timed), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(axes_timed), figsize=(7 * len(axes_timed), 5), squeeze=False)
     for ax, axis in zip(axes[0], axes_timed):
         key = LATENCY_AXES[axis]
         timed = [p for p in points if p.get(key) is not None and not math.isnan(p[key])]
         on = set(front[axis])
+        # The accurate end is where the choice is: points more than 3 points below the best are left out
+        # of the drawing (they stay in the tables), so that they do not squash it.
+        floor = max(100 * p["acc"] for p in timed) - 3.0
+        below = [p for p in timed if 100 * p["acc"] < floor]
+        timed = [p for p in timed if 100 * p["acc"] >= floor]
         for p in timed:
             ax.scatter(p[key], 100 * p["acc"], marker="o" if _label(p) in on else "x",
                        color="C0" if _label(p) in on else "C7")
@@ -234,7 +239,10 @@ def _plot_latency_frontiers(points: Sequence[dict[str, Any]], path: Path, batch_
         ax.plot([p[key] for p in f], [100 * p["acc"] for p in f], "--", lw=1, color="C0")
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())  # log minor tick labels overlap on a narrow range
-        ax.set(xlabel=titles[axis], ylabel="test accuracy (%)", title="frontier o, dominated x")
+        title = f"{'batch 1' if axis == 'batch1' else f'batch {batch_size}'}: frontier o, dominated x"
+        if below:
+            title += f"\n({len(below)} point{'s' if len(below) != 1 else ''} below {floor:.1f}% not drawn)"
+        ax.set(xlabel=titles[axis], ylabel="test accuracy (%)", title=title)
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -29,7 +29,7 @@ import torch.nn as nn
 from gating.errors import UserError
 from models.registry import create_model
 
-__all__ = ["prune_channels", "pruned_model", "kept_channels"]
+__all__ = ["prune_channels", "pruned_model", "pruned_skipnet", "kept_channels"]
 
 # (conv, its norm, the conv it feeds) inside one block, in the order the block runs them.
 _PAIRS = (("conv1", "bn1", "conv2"), ("conv2", "bn2", "conv3"))
@@ -121,3 +121,13 @@ def pruned_model(model_name: str, amount: float, norm: int = 1, **kwargs: Any) -
     """Build the registered ``model_name`` (``kwargs`` as :func:`models.create_model` takes them, the
     weights to prune as ``pretrained``) and prune it with :func:`prune_channels`."""
     return prune_channels(create_model(model_name, **kwargs), amount, norm)
+
+
+def pruned_skipnet(backbone: nn.Module, gate: Any, amount: float, norm: int = 1, threshold: float = 0.5,
+                   pretrained: str | None = None) -> nn.Module:
+    """A trained SkipNet (:func:`models.skipnet.skipnet_from_backbone`'s arguments, its weights as
+    ``pretrained``) with :func:`prune_channels` applied: the gates are kept as trained, each block's
+    inner channels are cut (the gates see block outputs, whose width pruning keeps)."""
+    from models.skipnet import skipnet_from_backbone
+
+    return prune_channels(skipnet_from_backbone(backbone, gate, threshold, pretrained), amount, norm)

@@ -295,6 +295,32 @@ def test_pruned_run_fine_tunes_the_trained_run_and_loads_with_its_pruned_shapes(
     torch.testing.assert_close(net.blocks()[0].conv1.weight, ckpt["net.layer1.0.conv1.weight"].to(torch.float32))
 
 
+def test_pruned_skipnet_keeps_its_trained_gates_and_fine_tunes_its_slimmer_blocks(tmp_path):
+    """experiment=mnist_skipnet38_pruned's recipe on synthetic data: a trained SkipNet-20, half of every
+    block's inner channels removed, fine-tuned with frozen gates; its run loads with the pruned shapes."""
+    from experiments.runs import load_net, read_run
+
+    source = tmp_path / "source"
+    train(shrink(compose_config("train.yaml", ["data=synthetic", "model=skipnet20"], source)))
+    src = load_net(source)
+    exp = compose_config("train.yaml", ["experiment=mnist_skipnet38_pruned"], tmp_path / "composed")
+    assert exp.model.net._target_ == "models.prune.pruned_skipnet" and exp.model.stage == "finetune"
+    out = tmp_path / "pruned"
+    cfg = compose_config("train.yaml", ["data=synthetic", "model=skipnet20", "model.stage=finetune",
+                                        "model.net._target_=models.prune.pruned_skipnet", "+model.net.amount=0.5",
+                                        f"model.net.pretrained={source}"], out)
+    record = train(shrink(cfg))
+    full = count_flops(src.backbone, torch.zeros(1, 1, 16, 16))
+    assert record["metrics"]["test/gflops_per_img"] < 0.75 * full / 1e9  # pruned, and skipping on top
+    _, run_cfg, _ = read_run(out)
+    assert str(run_cfg.model.net.pretrained).endswith(".ckpt")  # the SkipNet it pruned, pinned
+    net = load_net(out)  # rebuilt pruned from the config, filled from its own checkpoint
+    assert net.blocks()[1].conv1.out_channels == src.blocks()[1].conv1.out_channels // 2
+    assert net.blocks()[1].conv2.out_channels == src.blocks()[1].conv2.out_channels  # block outputs keep width
+    for (name, p), q in zip(net.gate.named_parameters(), src.gate.parameters()):
+        torch.testing.assert_close(p, q, msg=f"gate parameter {name} moved in fine-tuning")
+
+
 def test_qat_run_fine_tunes_with_fake_quantization_and_converts_to_int8(tmp_path):
     from experiments.runs import load_net, read_run, resolve_checkpoint
     from models.quantize import QATNet, qat_model, quantize_int8

@@ -11,7 +11,10 @@ admits no improving flip. Per block, the share of inputs for which the flip rais
 the policy is from that optimum, and on which inputs: a block that always runs and whose skip would pay
 on half the inputs is a static choice the reward does not ask for.
 
-Writes ``flip.csv`` (one row per block) and ``metrics.json`` (the table, the summary, the reward used).
+Where the data set records a difficulty level per input (``data=mnist_c``: the corruption severity), the
+same test per level says whether the run's reward asks for more computation on harder inputs
+(:func:`flip_by_level`). Writes ``flip.csv`` (one row per block), ``flip_by_level.csv`` and
+``metrics.json`` (the tables, the summary, the reward used).
 """
 
 from __future__ import annotations
@@ -100,6 +103,29 @@ def flip_summary(executed: np.ndarray, gains: np.ndarray) -> dict[str, Any]:
     }
 
 
+def flip_by_level(executed: np.ndarray, gains: np.ndarray, levels: np.ndarray) -> list[dict[str, Any]]:
+    """Per difficulty level (a data set's recorded severity): how much the policy runs, and how much its
+    own reward asks it to run, judged one flip at a time. ``blocks_asked_per_img`` is the blocks run,
+    plus the skipped blocks whose running would raise the reward, minus the run blocks whose skipping
+    would: if it rises with the level while ``blocks_per_img`` does not, the reward asks for an
+    input-dependent policy that training did not find; if it is flat too, the reward does not ask."""
+    run, up = executed[:, 1:], gains > 0
+    rows = []
+    for level in np.unique(levels):
+        sel = levels == level
+        r, u = run[sel], up[sel]
+        skipped = ~r
+        rows.append({
+            "level": int(level), "n": int(sel.sum()),
+            "blocks_per_img": float(executed[sel].sum(1).mean()),
+            "blocks_asked_per_img": float((executed[sel].sum(1) + (u & skipped).sum(1) - (u & r).sum(1)).mean()),
+            "run_pays_when_skipped_pct": 100.0 * float(u[skipped].mean()) if skipped.any() else None,
+            "skip_pays_when_run_pct": 100.0 * float(u[r].mean()) if r.any() else None,
+            "inputs_with_an_improving_flip_pct": 100.0 * float(u.any(1).mean()),
+        })
+    return rows
+
+
 def _reward(cfg: DictConfig, run_cfg: DictConfig, net: SkipResNet, x: torch.Tensor) -> Reward:
     model = run_cfg.get("model") or {}
     given = cfg.get("reward") or {}
@@ -113,15 +139,19 @@ def _reward(cfg: DictConfig, run_cfg: DictConfig, net: SkipResNet, x: torch.Tens
     return Reward(float(pick("alpha", "alpha", 0.1)), float(pick("beta", "beta", 1.0)), cost_shares(kind, saved))
 
 
-def _inputs(cfg: DictConfig, run_cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The run's own data split, without training augmentation (the test asks about the inputs as they are)."""
+def _inputs(cfg: DictConfig, run_cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
+    """The run's own data split, without training augmentation (the test asks about the inputs as they are),
+    and the difficulty level the data set records per input (None where it records none)."""
     data_cfg = run_cfg.get("data")
     if data_cfg is None:
         raise UserError(f"run {cfg.run!r} has no data config: pass a SkipNet training run")
     with open_dict(data_cfg):
         if "augment" in data_cfg:
             data_cfg.augment = False
-    return batches_to_tensor(instantiate(data_cfg).eval_dataloader(cfg.split), cfg.get("limit"))
+    datamodule = instantiate(data_cfg)
+    x, y = batches_to_tensor(datamodule.eval_dataloader(cfg.split), cfg.get("limit"))
+    levels = datamodule.difficulty(cfg.split) if hasattr(datamodule, "difficulty") else None
+    return x, y, None if levels is None else np.asarray(levels)[:len(x)]
 
 
 @user_facing
@@ -133,7 +163,7 @@ def gate_flip(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(f"run {str(folder)!r} holds a {type(net).__name__}, not a SkipNet: the flip test needs gates")
     device, watch = pick_device(cfg.get("device", "auto")), Stopwatch()
     net = net.to(device)
-    x, y = _inputs(cfg, run_cfg)
+    x, y, levels = _inputs(cfg, run_cfg)
     reward = _reward(cfg, run_cfg, net, x.to(device))
     executed, gains = [], []
     with watch("flip_s"):
@@ -144,12 +174,15 @@ def gate_flip(cfg: DictConfig) -> dict[str, Any]:
     ex, ga = torch.cat(executed).numpy(), torch.cat(gains).numpy()
     table = flip_table(ex, ga, list(net.cost_table(x[:1].to(device)).block_names))
     summary = flip_summary(ex, ga)
+    by_level = flip_by_level(ex, ga, levels) if levels is not None else []
     out = output_dir()
     write_csv(out / "flip.csv", table)
+    if by_level:
+        write_csv(out / "flip_by_level.csv", by_level)
     record = {"task": cfg.task_name, "run": str(folder), "split": cfg.split, "output_dir": str(out),
               "reward": {"alpha": reward.alpha, "beta": reward.beta, "costs": reward.costs.tolist()},
-              "summary": summary, "blocks": table, "timings": watch.times, "machine": machine_info(device),
-              "metrics": {f"flip/{k}": v for k, v in summary.items()}}
+              "summary": summary, "blocks": table, "by_level": by_level, "timings": watch.times,
+              "machine": machine_info(device), "metrics": {f"flip/{k}": v for k, v in summary.items()}}
     write_run_record(cfg, record)
     print(f"\nsingle-gate flip test: {folder} ({cfg.split}, {summary['n']} inputs, alpha={reward.alpha:g}, "
           f"beta={reward.beta:g})")
@@ -158,6 +191,9 @@ def gate_flip(cfg: DictConfig) -> dict[str, Any]:
     print(f"inputs that some single flip improves: {summary['inputs_with_an_improving_flip_pct']:.1f}%; "
           f"improving flips per input: {summary['improving_flips_per_input']:.2f}; "
           f"distinct skip patterns: {summary['distinct_patterns']}\nrecord: {out}")
+    if by_level:
+        print("\nby the level the data set records (blocks run, and what the reward asks one flip at a time):")
+        print(markdown_table(by_level, floatfmt=".3g"))
     return record
 
 

@@ -55,6 +55,21 @@ def test_flip_table_and_summary_on_hand_made_gains():
     assert s["distinct_patterns"] == 4 and s["blocks_per_img"] == 2.0
 
 
+def test_flip_by_level_counts_what_the_reward_asks_per_level():
+    from experiments.gate_flip import flip_by_level
+
+    executed = np.array([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 0, 1]], dtype=bool)
+    gains = np.array([[0.2, -0.1], [-0.3, 0.0], [0.1, 0.4], [-0.2, -0.5]])
+    rows = flip_by_level(executed, gains, np.array([0, 0, 5, 5]))
+    assert [r["level"] for r in rows] == [0, 5] and [r["n"] for r in rows] == [2, 2]
+    # Level 0: 2.5 blocks run; input 0's run block 1 would pay skipped (-1): 2.0 asked.
+    assert rows[0]["blocks_per_img"] == 2.5 and rows[0]["blocks_asked_per_img"] == 2.0
+    # Level 5: 1.5 run; input 2's two skipped blocks would both pay run (+2): 2.5 asked.
+    assert rows[1]["blocks_per_img"] == 1.5 and rows[1]["blocks_asked_per_img"] == 2.5
+    assert rows[1]["run_pays_when_skipped_pct"] == pytest.approx(100 * 2 / 3)
+    assert rows[1]["skip_pays_when_run_pct"] == 0.0 and rows[0]["inputs_with_an_improving_flip_pct"] == 50.0
+
+
 def test_entry_point_on_a_skipnet_run(tmp_path):
     data = compose_config("train.yaml", ["data=synthetic"], tmp_path / "x").data
     run = write_untrained_run(tmp_path / "logs" / "train" / "runs" / "sn" / "0", "digits_skipnet20_rl", data)

@@ -253,17 +253,17 @@ def load_run(run: str | Path, name: str | None = None, kind: str | None = None, 
     shape, classes = _data_facts(cfg)
     facts = {"name": name, "input_shape": shape, "num_classes": classes}
 
-    def quantized(module: nn.Module) -> nn.Module:
+    def as_asked(module: nn.Module) -> nn.Module:  # int8, compiled, or as it is
         return _inference_form(module, cfg, name, int8, calibration_batches, compile_backend if compile else None)
 
     if "cascade" in cfg and "model" not in cfg:  # an experiments.cascade run: the calibrated cascade
         node = cfg.cascade
         node.checkpoint = str(folder / CHECKPOINTS / "cascade.pt")
-        return CascadeAdapter(quantized(instantiate(node)), record.get("frontier", []) if frontier else [], **facts)
+        return CascadeAdapter(as_asked(instantiate(node)), record.get("frontier", []) if frontier else [], **facts)
     if "cascade" in cfg.get("model", {}):  # an IDK-head training run: its learned heads
         cascade = instantiate(cfg.model.cascade)
-        return CascadeAdapter(quantized(load_cascade_state(cascade, resolve_checkpoint(folder))), **facts)
-    net = quantized(_trained_net(folder, cfg, record))
+        return CascadeAdapter(as_asked(load_cascade_state(cascade, resolve_checkpoint(folder))), **facts)
+    net = as_asked(_trained_net(folder, cfg, record))
     if kind == "random_skip":
         if not isinstance(net, SkipResNet):
             raise UserError(f"random skipping needs a SkipNet run; {str(folder)!r} holds a {type(net).__name__}")

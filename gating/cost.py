@@ -16,8 +16,9 @@ import io
 import math
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -33,6 +34,7 @@ __all__ = [
     "conv2d_flops",
     "count_flops",
     "flops_by_module",
+    "counting_int8_ops",
     "int8_ops",
     "is_quantized",
     "model_cost",
@@ -139,36 +141,40 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, convs + linears) for m in model.modules())
 
 
-def int8_ops(model: nn.Module, *inputs: Any, forward: Callable[..., Any] | None = None) -> int:
-    """Integer operations of one call ``model(*inputs)`` (or ``forward(*inputs)``, calling into ``model``):
-    2 per int8 multiply-add of the quantized convolutions and linears that run (forward hooks, so a
-    skipped block counts nothing).
-
-    :class:`~torch.utils.flop_counter.FlopCounterMode` does not see these ops at all, so a quantized
-    model's :func:`count_flops` is only what it still computes in float; the two together are its cost.
-    """
+@contextmanager
+def counting_int8_ops(model: nn.Module) -> Iterator[list[int]]:
+    """Count the integer operations of whatever runs ``model``'s int8 layers inside the block: yields a
+    one-element list whose item is the running total (2 per int8 multiply-add of the quantized
+    convolutions and linears that run; forward hooks, so a skipped block counts nothing)."""
     convs, linears = _quantized_kinds()
-    total = 0
+    total = [0]
 
     def conv_hook(m: nn.Module, args, out: torch.Tensor) -> None:
-        nonlocal total
         k = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size,)
-        macs_per_out = (m.in_channels // m.groups) * math.prod(k)
-        total += 2 * macs_per_out * out.numel()
+        total[0] += 2 * (m.in_channels // m.groups) * math.prod(k) * out.numel()
 
     def linear_hook(m: nn.Module, args, out: torch.Tensor) -> None:
-        nonlocal total
-        total += linear_flops(m.in_features, m.out_features, rows=out.numel() // m.out_features)
+        total[0] += linear_flops(m.in_features, m.out_features, rows=out.numel() // m.out_features)
 
     handles = [m.register_forward_hook(conv_hook if isinstance(m, convs) else linear_hook)
                for m in model.modules() if isinstance(m, convs + linears)]
     try:
-        with torch.no_grad():
-            (forward or model)(*inputs)
+        yield total
     finally:
         for h in handles:
             h.remove()
-    return total
+
+
+def int8_ops(model: nn.Module, *inputs: Any, forward: Callable[..., Any] | None = None) -> int:
+    """Integer operations of one call ``model(*inputs)`` (or ``forward(*inputs)``, calling into ``model``),
+    as :func:`counting_int8_ops` counts them.
+
+    :class:`~torch.utils.flop_counter.FlopCounterMode` does not see these ops at all, so a quantized
+    model's :func:`count_flops` is only what it still computes in float; the two together are its cost.
+    """
+    with counting_int8_ops(model) as total, torch.no_grad():
+        (forward or model)(*inputs)
+    return total[0]
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from gating.adapters import BatchResult, ModelAdapter, Point
-from gating.cost import int8_ops, is_quantized, measure_latency
+from gating.cost import counting_int8_ops, is_quantized, measure_latency
 from gating.errors import UserError
 from skipnet import RandomSkipAdapter
 
@@ -117,13 +117,13 @@ def _input_records(model: ModelAdapter, out: BatchResult, labels: torch.Tensor, 
 
 def _evaluate_point(model: ModelAdapter, point: Point, x: torch.Tensor, labels: torch.Tensor, device: torch.device,
                     batch_size: int, latency: Any, res: EvaluationResult) -> None:
-    out = run_all(model, x, batch_size, point)
+    # int8 work is not float FLOPs (the FLOP counter does not see it): counted apart, exactly, in the same
+    # pass (hooks on the int8 layers that run, so compaction counts as it runs).
+    with counting_int8_ops(nn.ModuleList(model.modules())) as int8:
+        out = run_all(model, x, batch_size, point)
     row = _point_row(model, point, out, labels)
     if any(is_quantized(m) for m in model.modules()):
-        # int8 work is not float FLOPs (the FLOP counter does not see it): counted apart, exactly, over
-        # the same inputs with the same compaction (hooks on the int8 layers that run).
-        ops = int8_ops(nn.ModuleList(model.modules()), x, forward=lambda x: run_all(model, x, batch_size, point))
-        row["int8_gops_per_img"] = ops / len(x) / 1e9
+        row["int8_gops_per_img"] = int8[0] / len(x) / 1e9
     per_batch: list[float] = []
     if latency.enabled:
         row["batch_ms_per_img"], per_batch = _batch_ms_per_input(model, x, batch_size, device, latency.batch_repeats,

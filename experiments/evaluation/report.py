@@ -106,10 +106,12 @@ def cost_trend(table: Sequence[dict[str, Any]], kinds: dict[str, str],
     return out
 
 
-def pareto_table(points: Sequence[dict[str, Any]], reference: str | None) -> list[dict[str, Any]]:
-    """Every operating point with its accuracy, cost and time, relative to the reference method."""
+def pareto_table(points: Sequence[dict[str, Any]], reference: str | None,
+                 front: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
+    """Every operating point with its accuracy, cost and time, relative to the reference method, and
+    whether it is on each latency frontier (``front``: :func:`latency_frontiers` of ``points``)."""
     ref = next((p for p in points if p["method"] == reference and p["point"] == "default"), None)
-    front = latency_frontiers(points)
+    front = latency_frontiers(points) if front is None else front
     rows = []
     for p in points:
         row = {k: p.get(k) for k in ("method", "kind", "point", "acc", "gflops_per_img", "int8_gops_per_img",
@@ -154,9 +156,8 @@ def latency_frontiers(points: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
     return out
 
 
-def frontier_statements(points: Sequence[dict[str, Any]], batch_size: int) -> list[str]:
-    """One sentence per latency axis naming its frontier."""
-    front = latency_frontiers(points)
+def frontier_statements(front: dict[str, list[str]], batch_size: int) -> list[str]:
+    """One sentence per latency axis naming its frontier (:func:`latency_frontiers`)."""
     what = {"batch1": "median latency at batch 1", "batch": f"measured ms per input at batch {batch_size}"}
     return [f"Latency frontier ({what[a]}; test accuracy against it, fastest first): {', '.join(front[a])}"
             for a in LATENCY_AXES if front[a]]
@@ -216,7 +217,7 @@ def _plot_latency_frontiers(points: Sequence[dict[str, Any]], path: Path, batch_
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
 
-    front = latency_frontiers(points)
+    front = latency_frontiers(points)  # the points are all a plot has (figures are redrawn from records)
     axes_timed = [a for a in LATENCY_AXES if front[a]]
     if not axes_timed:
         return None

@@ -90,7 +90,9 @@ def summarize(res: EvaluationResult, buckets: Buckets, models: list[ModelAdapter
     adaptivity = adaptivity_metrics(res.records, buckets, kinds, random_of, unsolved)
     for r in res.records:
         r["bucket"] = buckets.labels[buckets.bucket[r["index"]]]
-    return {"buckets": table, "trend": trend, "adaptivity": adaptivity, "pareto": pareto_table(res.points, reference)}
+    front = latency_frontiers(res.points)
+    return {"buckets": table, "trend": trend, "adaptivity": adaptivity, "frontier": front,
+            "pareto": pareto_table(res.points, reference, front)}
 
 
 @user_facing
@@ -110,7 +112,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     buckets = make_buckets(ev.difficulty, res, y.numpy(), None if recorded is None else recorded.numpy())
     tables = summarize(res, buckets, models, ev.get("reference"))
     statements = (trend_statements(tables["trend"]) + adaptivity_statements(tables["adaptivity"])
-                  + frontier_statements(res.points, ev.batch_size))
+                  + frontier_statements(tables["frontier"], ev.batch_size))
     for name, rows in (("records", res.records), ("points", res.points), ("buckets", tables["buckets"]),
                        ("pareto", tables["pareto"])):
         write_csv(out / f"{name}.csv", rows)
@@ -125,7 +127,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
         "difficulty": {"definition": buckets.definition, "labels": buckets.labels,
                        "counts": np.bincount(buckets.bucket, minlength=len(buckets.labels)).tolist()},
         "cost_by_difficulty": tables["trend"], "adaptivity": tables["adaptivity"], "statements": statements,
-        "latency_frontier": latency_frontiers(res.points),
+        "latency_frontier": tables["frontier"],
         "metrics": {f"{p['method']}/{p['point']}/{k}": p[k] for p in res.points
                     for k in ("acc", "gflops_per_img", "int8_gops_per_img", "batch_ms_per_img", "batch1_ms_p50")
                     if p.get(k) is not None},

@@ -6,6 +6,9 @@
   pass uses p (straight-through, SkipNet Eq. 7).
 * ``soft`` (the ablation): the gate value is p itself during training.
 * ``sample`` (hybrid RL): the action is drawn from Bernoulli(p); its log-probability feeds REINFORCE.
+  With ``prob_bound`` b < 1 (BlockDrop's exploration bound) it is drawn from ``b * p + (1 - b) * (1 - p)``,
+  which keeps every decision at least ``1 - b`` uncertain in training, so a policy cannot settle on a
+  fixed pattern before the reward has been seen for the other.
 * ``greedy`` (inference): execute if p > threshold, no gradient.
 * ``gumbel`` (ConvNet-AIG, Veit & Belongie ECCV'18): logistic noise (the difference of two Gumbel draws)
   is added to the logit, ``sigmoid((logit + noise) / temperature)`` is thresholded at 0.5 in the forward
@@ -51,9 +54,10 @@ def threshold_logit(threshold: float) -> float:
     return math.log(threshold / (1.0 - threshold))
 
 
-def decide(logit: torch.Tensor, mode: str, threshold: float = 0.5, temperature: float = 1.0) -> GateDecision:
+def decide(logit: torch.Tensor, mode: str, threshold: float = 0.5, temperature: float = 1.0,
+           prob_bound: float = 1.0) -> GateDecision:
     """Turn gate logits ``[B]`` into a decision (see the module docstring for the modes; ``temperature`` is
-    the Gumbel-sigmoid's)."""
+    the Gumbel-sigmoid's, ``prob_bound`` the exploration bound of ``sample``)."""
     prob = torch.sigmoid(logit)
     if mode == "gumbel":
         u = torch.rand_like(logit).clamp(1e-6, 1 - 1e-6)
@@ -71,6 +75,13 @@ def decide(logit: torch.Tensor, mode: str, threshold: float = 0.5, temperature: 
     if mode == "soft":
         return GateDecision(prob, (prob > threshold).to(logit.dtype), prob)
     if mode == "sample":
+        if not 0.5 < prob_bound <= 1.0:
+            raise ValueError(f"prob_bound must be in (0.5, 1], got {prob_bound}")
+        if prob_bound < 1.0:
+            bounded = prob_bound * prob + (1.0 - prob_bound) * (1.0 - prob)
+            action = torch.bernoulli(bounded.detach())
+            log_prob = torch.where(action > 0.5, bounded.log(), (1.0 - bounded).log())
+            return GateDecision(action, action, prob, log_prob)
         action = torch.bernoulli(prob.detach())
         # log Bernoulli(a; p) from logits, stable for large |logit|.
         log_prob = -F.binary_cross_entropy_with_logits(logit, action, reduction="none")

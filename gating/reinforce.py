@@ -87,3 +87,12 @@ def budget_penalty(share: torch.Tensor, target: float, weight: float) -> torch.T
     budget only accuracy counts."""
     over = (share.mean() > target).to(share.dtype)
     return -weight * (share - target) * over
+
+
+def correctness_reward(correct: torch.Tensor, share: torch.Tensor, wrong_penalty: float) -> torch.Tensor:
+    """BlockDrop's reward per sample ``[B]`` (Wu et al., CVPR'18): ``1 - share**2`` for a right answer,
+    ``-wrong_penalty`` for a wrong one, where ``share`` is the input's executed share of the gated cost.
+
+    Cost counts only when the answer is right, so a block is worth buying exactly where it turns a wrong
+    answer into a right one: easy inputs are pushed to the cheapest pattern that still answers them."""
+    return torch.where(correct.bool(), 1.0 - share ** 2, torch.full_like(share, -wrong_penalty))

@@ -115,6 +115,8 @@ class SkipResNet(nn.Module):
         run_gates: bool = True,
         open_first: int = 0,
         temperature: float = 1.0,
+        drop_rate: float | torch.Tensor = 0.0,
+        prob_bound: float = 1.0,
     ) -> SkipOutput:
         """Run the gated network.
 
@@ -132,6 +134,11 @@ class SkipResNet(nn.Module):
                 opens the decisions block by block from the last, as BlockDrop does); their gates still
                 run, and in ``sample`` mode their log-probability is 0, so they get no policy gradient.
             temperature: the Gumbel-sigmoid temperature (``mode="gumbel"``).
+            drop_rate: stochastic depth (Huang et al., ECCV'16) over the gated blocks: each sample skips
+                each gated block with this probability whatever its gate says (recorded as skipped).
+                Training only: it teaches the backbone to work with any subset of its blocks, so that
+                the blocks a policy leaves out for easy inputs cost little accuracy.
+            prob_bound: ``mode="sample"``: BlockDrop's exploration bound (:func:`gating.policy.decide`).
         """
         mode = mode or ("hard_st" if self.training else "greedy")
         execution = execution or ("masked" if self.training else "skip")
@@ -140,6 +147,12 @@ class SkipResNet(nn.Module):
         thr = self.threshold if threshold is None else threshold
         if actions is None and not run_gates:
             raise ValueError("run_gates=False needs actions: without gates there are no decisions")
+        drop = torch.as_tensor(drop_rate, dtype=x.dtype, device=x.device)
+        if drop.numel() and not (drop.ge(0).all() and drop.lt(1).all()):
+            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+        drop = drop if drop.any() else None
+        if drop is not None and mode == "sample":
+            raise ValueError("drop_rate forces skips the policy did not choose: not with mode='sample' (RL)")
         if x.shape[0] == 1 and execution == "skip" and mode == "greedy" and not torch.is_grad_enabled():
             return self._forward_one(x, thr, actions, run_gates)
         x = self.backbone.stem(x)
@@ -149,7 +162,11 @@ class SkipResNet(nn.Module):
         executed = [x.new_ones(batch)]
         probs, log_probs = [], []
         for i in range(1, self.num_blocks):
-            d, state = self._decide(i, x, state, mode, thr, actions, run_gates, i <= open_first, temperature)
+            d, state = self._decide(i, x, state, mode, thr, actions, run_gates, i <= open_first, temperature,
+                                    prob_bound)
+            if drop is not None:
+                keep = torch.bernoulli((1.0 - drop).expand_as(d.action))
+                d = GateDecision(d.gate * keep, d.action * keep, d.prob, d.log_prob)
             x = self._run_block(self._blocks[i], x, d, execution)
             executed.append(d.action)
             probs.append(d.prob)
@@ -160,7 +177,8 @@ class SkipResNet(nn.Module):
                           torch.stack(log_probs, 1) if log_probs else None)
 
     def _decide(self, i: int, x: torch.Tensor, state, mode: str, threshold: float, actions: torch.Tensor | None,
-                run_gates: bool, forced_open: bool = False, temperature: float = 1.0) -> tuple[GateDecision, object]:
+                run_gates: bool, forced_open: bool = False, temperature: float = 1.0,
+                prob_bound: float = 1.0) -> tuple[GateDecision, object]:
         """Block ``i``'s decision for the batch: the gate's (``mode``), or forced ``actions`` / ``forced_open``."""
         if actions is not None and not run_gates:
             a = actions[:, i].to(x.dtype)
@@ -173,7 +191,7 @@ class SkipResNet(nn.Module):
             one = torch.ones_like(logit)
             log_prob = torch.zeros_like(logit) if mode == "sample" else None
             return GateDecision(one, one, torch.sigmoid(logit), log_prob), state
-        return decide(logit, mode, threshold, temperature), state
+        return decide(logit, mode, threshold, temperature, prob_bound), state
 
     @staticmethod
     def _run_block(block: nn.Module, x: torch.Tensor, d: GateDecision, execution: str) -> torch.Tensor:

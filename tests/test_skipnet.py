@@ -371,7 +371,12 @@ def _fit_few_steps(module, steps: int = 4, epochs: int = 1):
     {"stage": "rl", "reward": "budget", "budget": 0.3, "alpha": 0.0},
     {"stage": "gumbel", "target_rate": 0.3, "target_rate_per_layer": False},
     {"stage": "gumbel", "target_rate": 0.3},
-], ids=["self_critical", "normalized", "entropy", "curriculum", "budget", "gumbel_global", "gumbel_per_layer"])
+    {"stage": "rl", "reward": "correct", "wrong_penalty": 2.0, "baseline": "self_critical"},
+    {"stage": "rl", "prob_bound": 0.8},
+    {"stage": "rl", "backbone_lr": 0.0, "train_execution": "skip", "rl_batchnorm": "eval"},
+    {"stage": "sp", "drop_rate": 0.5, "drop_per_sample": True},
+], ids=["self_critical", "normalized", "entropy", "curriculum", "budget", "gumbel_global", "gumbel_per_layer",
+        "correct", "prob_bound", "frozen_backbone", "stochastic_depth"])
 def test_each_training_switch_trains_the_gates(options):
     from functools import partial
 
@@ -457,3 +462,64 @@ def test_self_critical_baseline_is_the_greedy_policys_return_per_input():
     assert torch.allclose(base, expected)
     with pytest.raises(ValueError, match="baseline"):
         SkipNetModule(net, partial(torch.optim.SGD, lr=0.1), stage="rl", baseline="greedy")
+
+
+def test_frozen_backbone_trains_the_gates_only():
+    from functools import partial
+
+    from experiments.systems import SkipNetModule
+
+    torch.manual_seed(0)
+    net = create_model("skipnet20_cifar", in_chans=1)
+    module = SkipNetModule(net, partial(torch.optim.SGD, lr=0.5), stage="rl", rl_weight=1.0, backbone_lr=0.0,
+                           train_execution="skip", rl_batchnorm="eval")
+    backbone = {k: v.clone() for k, v in net.backbone.state_dict().items()}  # BatchNorm statistics included
+    gates = {k: v.clone() for k, v in net.gate.state_dict().items()}
+    _fit_few_steps(module)
+    assert all(torch.equal(backbone[k], v) for k, v in net.backbone.state_dict().items())
+    assert any(not torch.equal(gates[k], v) for k, v in net.gate.state_dict().items())
+    (group,) = module.param_groups()  # the gates alone
+    assert {id(p) for p in group["params"]} == {id(p) for p in net.gate.parameters()}
+    lr = SkipNetModule(create_model("skipnet20_cifar", in_chans=1), partial(torch.optim.SGD, lr=0.1), stage="rl",
+                       backbone_lr=0.01, gate_lr=0.3)
+    assert [g["lr"] for g in lr.optimizer_factory(params=lr.param_groups()).param_groups] == [0.01, 0.3]
+    with pytest.raises(ValueError, match="backbone_lr"):
+        SkipNetModule(create_model("skipnet20_cifar", in_chans=1), partial(torch.optim.SGD, lr=0.1), stage="sp",
+                      backbone_lr=0.0)
+
+
+def test_stochastic_depth_drops_blocks_whatever_the_gates_say():
+    torch.manual_seed(0)
+    net = create_model("skipnet20_cifar", in_chans=1).train()
+    x = torch.randn(400, 1, 12, 12)
+    with torch.no_grad():
+        for p in net.gate.proj.parameters():
+            p.zero_()
+        net.gate.proj.bias.fill_(10.0)  # every gate open
+        assert net(x, mode="hard_st", execution="masked").executed.eq(1).all()
+        rate = net(x, mode="hard_st", execution="masked", drop_rate=0.5).executed[:, 1:].mean().item()
+        assert 0.45 < rate < 0.55
+        per_sample = torch.cat([torch.zeros(200), torch.full((200,), 0.9)])
+        ex = net(x, mode="hard_st", execution="masked", drop_rate=per_sample).executed[:, 1:]
+        assert ex[:200].eq(1).all() and ex[200:].mean() < 0.2  # each row at its own rate
+    with pytest.raises(ValueError, match="drop_rate"):
+        net(x, drop_rate=1.0)
+    with pytest.raises(ValueError, match="drop_rate"):
+        net(x, mode="sample", drop_rate=0.5)
+
+
+def test_correctness_reward_and_exploration_bound_by_hand():
+    from gating.policy import decide
+    from gating.reinforce import correctness_reward
+
+    r = correctness_reward(torch.tensor([True, True, False]), torch.tensor([0.5, 1.0, 0.2]), 2.0)
+    assert torch.allclose(r, torch.tensor([0.75, 0.0, -2.0]))  # cost counts only when the answer is right
+    torch.manual_seed(0)
+    logit = torch.full((20000,), -20.0, requires_grad=True)  # p ~ 0: without the bound, never executed
+    assert decide(logit, "sample").action.sum() == 0
+    d = decide(logit, "sample", prob_bound=0.8)
+    assert 0.19 < d.action.mean().item() < 0.21  # executed with probability 1 - 0.8
+    expected = torch.where(d.action > 0.5, torch.tensor(0.2).log(), torch.tensor(0.8).log())
+    assert torch.allclose(d.log_prob, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="prob_bound"):
+        decide(logit, "sample", prob_bound=0.4)

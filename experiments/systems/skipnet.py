@@ -18,6 +18,7 @@ from gating.reinforce import (
     REDUCTIONS,
     bernoulli_entropy,
     budget_penalty,
+    correctness_reward,
     cost_shares,
     policy_gradient_loss,
     returns_to_go,
@@ -29,7 +30,7 @@ from skipnet.models import SkipOutput, SkipResNet
 STAGES = ("sp", "rl", "finetune", "gumbel")
 BATCHNORM_MODES = ("train", "eval")
 BASELINES = ("none", "moving", "self_critical")
-REWARDS = ("skip", "budget")
+REWARDS = ("skip", "budget", "correct")
 
 
 class SkipNetModule(ClassifierModule):
@@ -62,6 +63,14 @@ class SkipNetModule(ClassifierModule):
             stage's starting weights are loaded): SkipNet's ImageNet ``hotter(0.05)`` at the start of RL.
             A resumed run's checkpoint replaces the sharpened weights, so it is not applied twice.
         gate_lr: the gates' own learning rate (a second parameter group); None: the optimizer's.
+        backbone_lr: the backbone's learning rate in the RL stage; None: the optimizer's. 0 freezes it
+            (no gradient, running BatchNorm statistics): the gates then learn against a fixed network,
+            whose per-input value of each block does not move under them (BlockDrop trains its policy
+            so before the joint stage).
+        drop_rate: stochastic depth in the ``sp`` and ``gumbel`` stages (Huang et al., ECCV'16): each
+            sample skips each gated block with this probability, whatever its gate says, so the backbone
+            learns to work with any subset of its blocks (the robustness to dropped blocks that BlockDrop
+            relies on); 0 is SkipNet's SP.
         reward_cost: ``"uniform"`` (each gate's share is 1/N, as in the paper) or ``"flops"`` (its share
             of the gated blocks' measured FLOPs).
         baseline: ``"none"`` (the paper), ``"moving"`` (a moving average per gate; ``true`` means this)
@@ -74,7 +83,13 @@ class SkipNetModule(ClassifierModule):
         reward: ``"skip"`` (the paper: ``alpha`` times the cost share of every skipped block) or
             ``"budget"`` (no per-skip reward; when a batch's mean executed share exceeds ``budget``, every
             input pays ``budget_weight * (its share - budget)``: cheap inputs earn what dear ones spend).
+            Or ``"correct"`` (BlockDrop, Wu et al. CVPR'18): per input ``1 - share**2`` when the answer is
+            right and ``-wrong_penalty`` when it is wrong, no per-skip reward: an input gains nothing from a
+            block that does not change its answer, so blocks are bought only where they make it right.
         budget, budget_weight: the budget form's target share of the gated cost and its weight.
+        wrong_penalty: ``reward="correct"``: the reward of a wrong answer is ``-wrong_penalty``.
+        prob_bound: BlockDrop's exploration bound on the sampled gates in RL (``b * p + (1 - b) * (1 - p)``);
+            1 samples from the gates' own probabilities (the paper).
         gumbel_temperature, target_rate, target_rate_weight, target_rate_per_layer: ``stage="gumbel"``
             (ConvNet-AIG): straight-through Gumbel-sigmoid gates trained by cross-entropy plus
             ``target_rate_weight`` times the target-rate loss (per layer or global), masked execution.
@@ -101,6 +116,9 @@ class SkipNetModule(ClassifierModule):
         rl_batchnorm: str = "train",
         gate_temperature: float = 1.0,
         gate_lr: float | None = None,
+        backbone_lr: float | None = None,
+        drop_rate: float = 0.0,
+        drop_per_sample: bool = False,
         reward_cost: str = "uniform",
         baseline: bool | str = False,
         baseline_momentum: float = 0.9,
@@ -110,6 +128,8 @@ class SkipNetModule(ClassifierModule):
         reward: str = "skip",
         budget: float = 0.5,
         budget_weight: float = 1.0,
+        wrong_penalty: float = 1.0,
+        prob_bound: float = 1.0,
         gumbel_temperature: float = 1.0,
         target_rate: float = 0.5,
         target_rate_weight: float = 1.0,
@@ -128,10 +148,18 @@ class SkipNetModule(ClassifierModule):
                              f"target_rate in [0, 1] (got {target_rate})")
         if gate_lr is not None and not gate_lr > 0:
             raise ValueError(f"gate_lr must be a positive learning rate or null, got {gate_lr!r}")
+        if backbone_lr is not None and (not backbone_lr >= 0 or stage != "rl"):
+            raise ValueError(f"backbone_lr must be >= 0 (0 freezes the backbone) or null, and is for stage 'rl' "
+                             f"only; got {backbone_lr!r} with stage {stage!r}")
+        if not 0.0 <= drop_rate < 1.0 or (drop_rate and stage not in ("sp", "gumbel")):
+            raise ValueError(f"drop_rate must be in [0, 1) and is for stages 'sp' and 'gumbel' (stochastic depth); "
+                             f"got {drop_rate!r} with stage {stage!r}")
         if gate_temperature != 1.0:
             net.gate.sharpen(gate_temperature)
         if stage == "finetune":
             net.gate.requires_grad_(False)
+        if backbone_lr == 0:
+            net.backbone.requires_grad_(False)
         self.register_buffer("baseline_value", torch.zeros(net.num_gates))
         self.val_gflops, self.test_gflops = MeanMetric(), MeanMetric()
         self.val_comp, self.test_comp = MeanMetric(), MeanMetric()
@@ -155,17 +183,21 @@ class SkipNetModule(ClassifierModule):
         self._apply_batchnorm_mode()
 
     def _apply_batchnorm_mode(self) -> None:
-        if self.hparams.get("stage") != "sp" and self.hparams.get("rl_batchnorm") == "eval":
+        hp = self.hparams
+        if (hp.get("stage") != "sp" and hp.get("rl_batchnorm") == "eval") or hp.get("backbone_lr") == 0:
             self.net.batchnorm_eval()
 
     def param_groups(self) -> Any:
-        """One group, or with ``gate_lr`` two: the gates at their own learning rate, and the rest."""
-        if self.hparams.gate_lr is None:
+        """The trainable parameters, in up to two groups: the gates (at ``gate_lr`` if set) and the rest (at
+        ``backbone_lr`` if set; left out when frozen)."""
+        hp = self.hparams
+        if hp.gate_lr is None and hp.get("backbone_lr") is None:
             return super().param_groups()
-        gate = list(self.net.gate.parameters())
-        ids = {id(p) for p in gate}
-        rest = [p for p in self.parameters() if id(p) not in ids]
-        return [{"params": rest}, {"params": gate, "lr": self.hparams.gate_lr}]
+        gate = [p for p in self.net.gate.parameters() if p.requires_grad]
+        ids = {id(p) for p in self.net.gate.parameters()}
+        rest = [p for p in self.parameters() if id(p) not in ids and p.requires_grad]
+        groups = [{"params": rest} | ({"lr": hp.backbone_lr} if hp.get("backbone_lr") else {})] if rest else []
+        return groups + [{"params": gate} | ({"lr": hp.gate_lr} if hp.gate_lr is not None else {})]
 
     # ------------------------------------------------------------------------------------------ costs
     def cost_table(self, x: torch.Tensor) -> CostTable:
@@ -189,13 +221,15 @@ class SkipNetModule(ClassifierModule):
         x = self._prepare(x)
         hp = self.hparams
         if hp.stage == "sp":
-            out = self.net(x, mode="hard_st" if hp.sp_gate == "hard" else "soft", execution="masked")
+            out = self.net(x, mode="hard_st" if hp.sp_gate == "hard" else "soft", execution="masked",
+                           drop_rate=self._drop_rates(x))
             loss = self.criterion(out.logits, y)
         elif hp.stage == "finetune":
             out = self.net(x, mode="greedy", execution=hp.train_execution)
             loss = self.criterion(out.logits, y)
         elif hp.stage == "gumbel":
-            out = self.net(x, mode="gumbel", execution="masked", temperature=hp.gumbel_temperature)
+            out = self.net(x, mode="gumbel", execution="masked", temperature=hp.gumbel_temperature,
+                           drop_rate=self._drop_rates(x))
             rate = target_rate_loss(out.executed[:, 1:], hp.target_rate, hp.target_rate_per_layer)
             loss = self.criterion(out.logits, y) + hp.target_rate_weight * rate
             self.log("train/rate_loss", rate, on_step=False, on_epoch=True)
@@ -209,6 +243,14 @@ class SkipNetModule(ClassifierModule):
                  on_epoch=True, prog_bar=True)
         return loss
 
+    def _drop_rates(self, x: torch.Tensor) -> torch.Tensor | float:
+        """Each sample's stochastic-depth rate: ``drop_rate`` for all, or with ``drop_per_sample`` one drawn
+        uniformly from [0, drop_rate] per sample."""
+        hp = self.hparams
+        if not hp.drop_rate or not hp.get("drop_per_sample"):
+            return hp.drop_rate
+        return torch.rand(x.shape[0], device=x.device) * hp.drop_rate
+
     # ------------------------------------------------------------------------------------- hybrid RL
     def curriculum_open_first(self) -> int:
         """How many leading gated blocks the curriculum keeps executing at the current epoch."""
@@ -217,11 +259,16 @@ class SkipNetModule(ClassifierModule):
             return 0
         return g - math.ceil(g * (self.current_epoch + 1) / c)
 
-    def returns(self, executed: torch.Tensor, ce: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Per-gate returns ``[B, G]`` of decisions ``executed`` ``[B, N]`` under the configured reward."""
+    def returns(self, executed: torch.Tensor, ce: torch.Tensor, x: torch.Tensor,
+                correct: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-gate returns ``[B, G]`` of decisions ``executed`` ``[B, N]`` under the configured reward
+        (``correct`` ``[B]``: whether each answer is right, for ``reward="correct"``)."""
         hp = self.hparams
         costs = self.gate_costs(x)
         acts = executed[:, 1:].detach()
+        if hp.reward == "correct":
+            share = (acts * costs).sum(1)
+            return returns_to_go(torch.zeros_like(acts), correctness_reward(correct, share, hp.wrong_penalty))
         if hp.reward == "budget":
             share = (acts * costs).sum(1)
             return returns_to_go(torch.zeros_like(acts), -hp.beta * ce + budget_penalty(share, hp.budget,
@@ -235,15 +282,16 @@ class SkipNetModule(ClassifierModule):
             with torch.no_grad(), _modes_kept(self.net):
                 self.net.eval()
                 g = self.net(x, mode="greedy", execution="skip", open_first=open_first)
-            return self.returns(g.executed, F.cross_entropy(g.logits, y, reduction="none"), x)
+            return self.returns(g.executed, F.cross_entropy(g.logits, y, reduction="none"), x, g.logits.argmax(1) == y)
         return 0.0
 
     def _hybrid_rl_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[SkipOutput, torch.Tensor]:
         hp = self.hparams
         open_first = self.curriculum_open_first()
-        out = self.net(x, mode="sample", execution=hp.train_execution, open_first=open_first)
+        out = self.net(x, mode="sample", execution=hp.train_execution, open_first=open_first,
+                       prob_bound=hp.prob_bound)
         ce = F.cross_entropy(out.logits, y, reduction="none")
-        returns = self.returns(out.executed, ce.detach(), x)
+        returns = self.returns(out.executed, ce.detach(), x, out.logits.detach().argmax(1) == y)
         base = self._baseline(x, y, open_first)
         entropy = bernoulli_entropy(out.probs) if hp.entropy_weight else None
         pg = policy_gradient_loss(out.log_probs, returns, base, entropy, hp.entropy_weight, hp.pg_reduction,

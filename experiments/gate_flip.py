@@ -70,6 +70,56 @@ def flip_gains(net: SkipResNet, x: torch.Tensor, y: torch.Tensor, reward: Reward
     return actions.bool(), gains
 
 
+@torch.no_grad()
+def local_optimum(net: SkipResNet, x: torch.Tensor, y: torch.Tensor, reward: Reward, start: torch.Tensor,
+                  rounds: int) -> torch.Tensor:
+    """Per input, coordinate ascent on the reward from the decisions ``start`` ``[B, N]``: each gate in turn is
+    flipped where that raises the input's reward, for ``rounds`` sweeps (or until no flip pays). The result
+    admits no improving single flip when ascent stopped early: a per-input local optimum of the reward, and
+    so an estimate of what the reward asks of a policy, input by input. It knows the label, so it is a
+    ceiling for a policy that must decide from the image."""
+    actions = start.clone().float()
+
+    def value(a: torch.Tensor) -> torch.Tensor:
+        logits = net(x, mode="greedy", execution="skip", actions=a).logits
+        return reward(a[:, 1:], F.cross_entropy(logits, y, reduction="none"))
+
+    best = value(actions)
+    for _ in range(rounds):
+        moved = False
+        for g in range(1, net.num_blocks):
+            trial = actions.clone()
+            trial[:, g] = 1.0 - trial[:, g]
+            v = value(trial)
+            better = v > best
+            if better.any():
+                moved = True
+                actions[better], best[better] = trial[better], v[better]
+        if not moved:
+            break
+    return actions
+
+
+def optimum_by_level(executed: np.ndarray, optimum: np.ndarray, flops: np.ndarray, optimum_flops: np.ndarray,
+                     levels: np.ndarray) -> list[dict[str, Any]]:
+    """Per difficulty level: blocks and GFLOPs per input under the policy and at the reward's per-input local
+    optimum (:func:`local_optimum`), and each one's cost over the easiest level's: whether the reward itself
+    asks for more computation on harder inputs, and by how much."""
+    rows = []
+    for level in np.unique(levels):
+        sel = levels == level
+        rows.append({"level": int(level), "n": int(sel.sum()),
+                     "blocks_per_img": float(executed[sel].sum(1).mean()),
+                     "optimum_blocks_per_img": float(optimum[sel].sum(1).mean()),
+                     "gflops_per_img": float(flops[sel].mean()) / 1e9,
+                     "optimum_gflops_per_img": float(optimum_flops[sel].mean()) / 1e9})
+    for key in ("gflops_per_img", "optimum_gflops_per_img"):
+        base = rows[0][key]
+        for r in rows:
+            r[key.replace("gflops_per_img", "over_easiest")] = r[key] / base if base > 0 else None
+    return rows
+
+
 def flip_table(executed: np.ndarray, gains: np.ndarray, block_names: list[str]) -> list[dict[str, Any]]:
     """One row per gated block: how often it runs, and for what share of the inputs that run it (skip it)
     running it (skipping it) instead would raise the reward."""
@@ -172,16 +222,29 @@ def gate_flip(cfg: DictConfig) -> dict[str, Any]:
             executed.append(e.cpu())
             gains.append(g.cpu())
     ex, ga = torch.cat(executed).numpy(), torch.cat(gains).numpy()
-    table = flip_table(ex, ga, list(net.cost_table(x[:1].to(device)).block_names))
+    cost = net.cost_table(x[:1].to(device))
+    table = flip_table(ex, ga, list(cost.block_names))
     summary = flip_summary(ex, ga)
     by_level = flip_by_level(ex, ga, levels) if levels is not None else []
+    optimum = []
+    if cfg.get("ascent_rounds", 0) and levels is not None:
+        with watch("ascent_s"):
+            opt = torch.cat([local_optimum(net, x[i:i + cfg.batch_size].to(device), y[i:i + cfg.batch_size].to(device),
+                                           reward, torch.from_numpy(ex[i:i + cfg.batch_size]).to(device),
+                                           cfg.ascent_rounds).cpu()
+                             for i in range(0, len(x), cfg.batch_size)])
+        optimum = optimum_by_level(ex, opt.bool().numpy(), cost.per_sample(torch.from_numpy(ex).float()).numpy(),
+                                   cost.per_sample(opt).numpy(), levels)
     out = output_dir()
     write_csv(out / "flip.csv", table)
     if by_level:
         write_csv(out / "flip_by_level.csv", by_level)
+    if optimum:
+        write_csv(out / "optimum_by_level.csv", optimum)
     record = {"task": cfg.task_name, "run": str(folder), "split": cfg.split, "output_dir": str(out),
               "reward": {"alpha": reward.alpha, "beta": reward.beta, "costs": reward.costs.tolist()},
-              "summary": summary, "blocks": table, "by_level": by_level, "timings": watch.times,
+              "summary": summary, "blocks": table, "by_level": by_level, "optimum_by_level": optimum,
+              "timings": watch.times,
               "machine": machine_info(device), "metrics": {f"flip/{k}": v for k, v in summary.items()}}
     write_run_record(cfg, record)
     print(f"\nsingle-gate flip test: {folder} ({cfg.split}, {summary['n']} inputs, alpha={reward.alpha:g}, "
@@ -194,6 +257,10 @@ def gate_flip(cfg: DictConfig) -> dict[str, Any]:
     if by_level:
         print("\nby the level the data set records (blocks run, and what the reward asks one flip at a time):")
         print(markdown_table(by_level, floatfmt=".3g"))
+    if optimum:
+        print(f"\nby level, at the reward's per-input local optimum ({cfg.ascent_rounds} ascent sweeps from the policy's "
+              f"decisions, label-aware: a ceiling):")
+        print(markdown_table(optimum, floatfmt=".3g"))
     return record
 
 

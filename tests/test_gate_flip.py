@@ -89,3 +89,35 @@ def test_a_run_without_gates_is_refused(tmp_path):
     cfg = compose_config("gate_flip.yaml", [f"run={run}"], tmp_path / "flip")
     with pytest.raises(SystemExit):  # user_facing: one line on stderr, exit status 2
         gate_flip(cfg)
+
+
+def test_local_optimum_admits_no_improving_flip_and_never_lowers_the_reward():
+    from experiments.gate_flip import local_optimum
+
+    torch.manual_seed(0)
+    net = create_model("skipnet20_cifar", in_chans=1).eval()
+    x, y = torch.randn(8, 1, 12, 12), torch.randint(0, 10, (8,))
+    reward = Reward(alpha=1.0, beta=1.0, costs=cost_shares("uniform", torch.ones(net.num_gates)))
+    start = torch.ones(8, net.num_blocks)
+
+    def value(a):
+        with torch.no_grad():
+            return reward(a[:, 1:], F.cross_entropy(net(x, actions=a).logits, y, reduction="none"))
+
+    opt = local_optimum(net, x, y, reward, start, rounds=20)
+    assert opt[:, 0].eq(1).all() and (value(opt) >= value(start) - 1e-6).all()
+    for g in range(1, net.num_blocks):  # no single flip raises any input's reward any more
+        trial = opt.clone()
+        trial[:, g] = 1 - trial[:, g]
+        assert (value(trial) <= value(opt) + 1e-6).all(), g
+
+
+def test_optimum_by_level_on_hand_made_patterns():
+    from experiments.gate_flip import optimum_by_level
+
+    executed = np.array([[1, 1, 1], [1, 1, 1], [1, 1, 1]], dtype=bool)
+    optimum = np.array([[1, 0, 0], [1, 1, 0], [1, 1, 1]], dtype=bool)
+    rows = optimum_by_level(executed, optimum, np.array([3e9, 3e9, 3e9]), np.array([1e9, 2e9, 3e9]), np.array([0, 1, 1]))
+    assert [r["level"] for r in rows] == [0, 1]
+    assert rows[1]["optimum_blocks_per_img"] == 2.5 and rows[1]["optimum_over_easiest"] == 2.5
+    assert rows[1]["over_easiest"] == 1.0 and rows[0]["optimum_gflops_per_img"] == 1.0

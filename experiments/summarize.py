@@ -4,6 +4,8 @@
         reference=logs/train/runs/mnist_resnet38 'params=[model.alpha]'
 
 Prints a Markdown table and writes ``summary.md``/``summary.csv``/``summary.json`` in the run folder.
+Runs whose record measured adaptivity (a SkipNet trained on data with a recorded difficulty) also get
+its headline figures: ``hardest_over_easiest``, ``spearman_rho``, ``shape`` and ``distinct_patterns``.
 With a reference, each row also gets ``acc_delta_pts`` (accuracy change in points) and
 ``flops_cut_pct`` (FLOPs saved per image, in percent), and the same on val (``val_acc_delta_pts``,
 ``val_flops_cut_pct``).
@@ -57,6 +59,9 @@ def select_on_val(rows: list[dict[str, Any]], select: DictConfig | dict | None) 
     return max(ok, key=lambda r: r[select.by]) if ok else None
 
 
+ADAPTIVITY = ("hardest_over_easiest", "spearman_rho", "shape", "distinct_patterns")
+
+
 def _records(folder: Path) -> list[Path]:
     if (folder / "metrics.json").is_file():
         return [folder / "metrics.json"]
@@ -82,6 +87,8 @@ def _row(record_path: Path, params: list[str], metrics: list[str]) -> dict[str, 
     row: dict[str, Any] = {"run": record.get("run_name") or record_path.parent.name}
     row.update({p: _lookup(cfg, p) for p in params})
     row.update({m: record.get("metrics", {}).get(m) for m in metrics})
+    adaptivity = record.get("adaptivity") or {}
+    row.update({k: adaptivity.get(k) for k in ADAPTIVITY if adaptivity})
     row["folder"] = str(record_path.parent)
     return row
 
@@ -105,7 +112,8 @@ def summarize(cfg: DictConfig) -> list[dict[str, Any]]:
         for r in rows:
             r["selected"] = r is chosen
         rows = [ref, *rows]
-    cols = ["run", *params, *metrics, *deltas] + (["selected"] if cfg.get("select", {}).get("by") else [])
+    adaptive = [k for k in ADAPTIVITY if any(k in r for r in rows)]
+    cols = ["run", *params, *metrics, *deltas, *adaptive] + (["selected"] if cfg.get("select", {}).get("by") else [])
     text = markdown_table(rows, cols, floatfmt=".4f")
     print(text)
     _print_choice(rows, cfg)

@@ -197,6 +197,23 @@ def test_summarize_tabulates_a_sweep_against_a_reference(tmp_path):
     assert [r.get("model.alpha") for r in rows] == [None, 1.0, 2.0]
     assert rows[2]["flops_cut_pct"] == pytest.approx(50.0) and rows[2]["acc_delta_pts"] == pytest.approx(-1.0)
     assert (tmp_path / "out" / "summary.md").read_text().count("\n") == 5
+    assert "spearman_rho" not in rows[1]  # no adaptivity measured, no such column
+
+
+def test_summarize_shows_each_runs_adaptivity(tmp_path):
+    from experiments.summarize import summarize
+
+    adaptivity = {"hardest_over_easiest": 1.08, "spearman_rho": 0.37, "shape": "rises", "distinct_patterns": 11,
+                  "gflops_mean": [0.047, 0.051]}
+    for name, a in (("rl", adaptivity), ("resnet", None)):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "metrics.json").write_text(json.dumps(
+            {"run_name": name, "metrics": {"test/acc": 0.95}} | ({"adaptivity": a} if a else {})))
+    rows = summarize(compose_config("summarize.yaml", [f"runs={tmp_path / 'runs'}"], tmp_path / "out"))
+    by = {r["run"]: r for r in rows}
+    assert by["rl"]["spearman_rho"] == 0.37 and by["rl"]["shape"] == "rises" and by["rl"]["distinct_patterns"] == 11
+    assert by["resnet"].get("spearman_rho") is None
+    assert "hardest_over_easiest" in (tmp_path / "out" / "summary.md").read_text()
 
 
 def test_summarize_selects_on_val_only(tmp_path):

@@ -36,7 +36,7 @@ from experiments.report import machine_info, markdown_table, pick_device, write_
 from experiments.runs import load_net, output_dir, read_run, write_run_record
 from experiments.utils import Stopwatch, extras, run_hydra, user_facing
 from gating.errors import UserError
-from gating.reinforce import cost_shares, episode_reward
+from gating.reinforce import correctness_reward, cost_shares, episode_reward
 from skipnet import SkipResNet
 
 log = logging.getLogger(__name__)
@@ -44,14 +44,22 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Reward:
-    """SkipNet's episode reward: ``alpha * sum_i (1 - a_i) c_i - beta * CE`` with cost shares ``costs``."""
+    """A run's per-input episode reward: SkipNet's ``alpha * sum_i (1 - a_i) c_i - beta * CE`` with cost shares
+    ``costs`` (``kind="skip"``), or BlockDrop's ``1 - share**2`` if right, ``-wrong_penalty`` if wrong
+    (``kind="correct"``, ``share = sum_i a_i c_i``)."""
 
     alpha: float
     beta: float
     costs: torch.Tensor
+    kind: str = "skip"
+    wrong_penalty: float = 1.0
 
-    def __call__(self, actions: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
-        return episode_reward(actions, ce, self.alpha, self.beta, self.costs.to(actions.device))
+    def __call__(self, actions: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per input ``[B]``, for gate decisions ``actions`` ``[B, G]`` and the logits they gave."""
+        costs = self.costs.to(actions.device)
+        if self.kind == "correct":
+            return correctness_reward(logits.argmax(1) == y, (actions * costs).sum(1), self.wrong_penalty)
+        return episode_reward(actions, F.cross_entropy(logits, y, reduction="none"), self.alpha, self.beta, costs)
 
 
 @torch.no_grad()
@@ -60,13 +68,13 @@ def flip_gains(net: SkipResNet, x: torch.Tensor, y: torch.Tensor, reward: Reward
     reward gained by flipping that gate alone with every other decision held ``[B, N - 1]``."""
     out = net(x, mode="greedy", execution="skip")
     actions = out.executed
-    base = reward(actions[:, 1:], F.cross_entropy(out.logits, y, reduction="none"))
+    base = reward(actions[:, 1:], out.logits, y)
     gains = torch.empty(x.shape[0], net.num_gates, dtype=torch.float64, device=x.device)
     for g in range(net.num_gates):
         flipped = actions.clone()
         flipped[:, g + 1] = 1.0 - flipped[:, g + 1]
         logits = net(x, mode="greedy", execution="skip", actions=flipped).logits
-        gains[:, g] = (reward(flipped[:, 1:], F.cross_entropy(logits, y, reduction="none")) - base).double()
+        gains[:, g] = (reward(flipped[:, 1:], logits, y) - base).double()
     return actions.bool(), gains
 
 
@@ -82,7 +90,7 @@ def local_optimum(net: SkipResNet, x: torch.Tensor, y: torch.Tensor, reward: Rew
 
     def value(a: torch.Tensor) -> torch.Tensor:
         logits = net(x, mode="greedy", execution="skip", actions=a).logits
-        return reward(a[:, 1:], F.cross_entropy(logits, y, reduction="none"))
+        return reward(a[:, 1:], logits, y)
 
     best = value(actions)
     for _ in range(rounds):
@@ -186,7 +194,12 @@ def _reward(cfg: DictConfig, run_cfg: DictConfig, net: SkipResNet, x: torch.Tens
 
     kind = pick("cost", "reward_cost", "uniform")
     saved = net.saved_flops(net.cost_table(x[:1])) if kind == "flops" else torch.ones(net.num_gates)
-    return Reward(float(pick("alpha", "alpha", 0.1)), float(pick("beta", "beta", 1.0)), cost_shares(kind, saved))
+    form = pick("kind", "reward", "skip")
+    if form not in ("skip", "correct"):
+        raise UserError(f"the flip test needs a reward of each input alone; the run's reward {form!r} depends on the "
+                        f"whole batch: pass reward.kind=skip (SkipNet's, with reward.alpha) or reward.kind=correct")
+    return Reward(float(pick("alpha", "alpha", 0.1)), float(pick("beta", "beta", 1.0)), cost_shares(kind, saved),
+                  form, float(pick("wrong_penalty", "wrong_penalty", 1.0)))
 
 
 def _inputs(cfg: DictConfig, run_cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
@@ -242,13 +255,15 @@ def gate_flip(cfg: DictConfig) -> dict[str, Any]:
     if optimum:
         write_csv(out / "optimum_by_level.csv", optimum)
     record = {"task": cfg.task_name, "run": str(folder), "split": cfg.split, "output_dir": str(out),
-              "reward": {"alpha": reward.alpha, "beta": reward.beta, "costs": reward.costs.tolist()},
+              "reward": {"kind": reward.kind, "alpha": reward.alpha, "beta": reward.beta,
+                         "wrong_penalty": reward.wrong_penalty, "costs": reward.costs.tolist()},
               "summary": summary, "blocks": table, "by_level": by_level, "optimum_by_level": optimum,
               "timings": watch.times,
               "machine": machine_info(device), "metrics": {f"flip/{k}": v for k, v in summary.items()}}
     write_run_record(cfg, record)
-    print(f"\nsingle-gate flip test: {folder} ({cfg.split}, {summary['n']} inputs, alpha={reward.alpha:g}, "
-          f"beta={reward.beta:g})")
+    said = (f"alpha={reward.alpha:g}, beta={reward.beta:g}" if reward.kind == "skip"
+            else f"BlockDrop's reward, wrong_penalty={reward.wrong_penalty:g}")
+    print(f"\nsingle-gate flip test: {folder} ({cfg.split}, {summary['n']} inputs, {said})")
     print(markdown_table(table, ["block", "exec_rate", "flip_raises_reward_pct", "skip_pays_when_run_pct",
                                  "run_pays_when_skipped_pct", "mean_gain"], floatfmt=".3g"))
     print(f"inputs that some single flip improves: {summary['inputs_with_an_improving_flip_pct']:.1f}%; "

@@ -83,6 +83,22 @@ def test_entry_point_on_a_skipnet_run(tmp_path):
     assert saved["metrics"]["flip/n"] == 40 and (tmp_path / "flip" / "flip.csv").is_file()
 
 
+def test_a_blockdrop_run_is_scored_with_its_own_reward_and_climbed_per_level(tmp_path):
+    data = compose_config("train.yaml", ["data=digits_c"], tmp_path / "x").data
+    run = write_untrained_run(tmp_path / "logs" / "train" / "runs" / "sn" / "0", "digits_c_skipnet20_rl", data)
+    cfg = compose_config("gate_flip.yaml", [f"run={run}", "split=val", "limit=60", "batch_size=30",
+                                            "ascent_rounds=2"], tmp_path / "flip")
+    record = gate_flip(cfg)
+    assert record["reward"]["kind"] == "correct" and record["reward"]["wrong_penalty"] == 2.0
+    levels = [r["level"] for r in record["optimum_by_level"]]
+    assert levels == sorted(levels) and len(levels) > 1 and (tmp_path / "flip" / "optimum_by_level.csv").is_file()
+    assert all(1 <= r["optimum_blocks_per_img"] <= 9 for r in record["optimum_by_level"])
+    budget = compose_config("gate_flip.yaml", [f"run={run}", "split=val", "limit=8", "reward.kind=budget"],
+                            tmp_path / "flip2")
+    with pytest.raises(SystemExit):  # a batch-dependent reward is refused in one line
+        gate_flip(budget)
+
+
 def test_a_run_without_gates_is_refused(tmp_path):
     data = compose_config("train.yaml", ["data=synthetic"], tmp_path / "x").data
     run = write_untrained_run(tmp_path / "logs" / "train" / "runs" / "r" / "0", "digits_resnet20", data)
@@ -102,7 +118,7 @@ def test_local_optimum_admits_no_improving_flip_and_never_lowers_the_reward():
 
     def value(a):
         with torch.no_grad():
-            return reward(a[:, 1:], F.cross_entropy(net(x, actions=a).logits, y, reduction="none"))
+            return reward(a[:, 1:], net(x, actions=a).logits, y)
 
     opt = local_optimum(net, x, y, reward, start, rounds=20)
     assert opt[:, 0].eq(1).all() and (value(opt) >= value(start) - 1e-6).all()

@@ -15,6 +15,7 @@ is written as one logit (``l_execute - l_skip``), which gives the same probabili
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -114,9 +115,9 @@ class RNNGate(nn.Module):
                              f"projection, when a stage starts (SkipNet's hotter): set model.gate_temperature "
                              f"instead of gate.temperature")
         self.hidden_dim = hidden_dim
-        # NumPy views of the weights for logit_one: a cache of views, not state (it holds nothing the
-        # parameters do not, and the forward never reads it).
-        self._host_views: tuple | None = None
+        # logit_one's fused weights per position: a cache derived from the parameters, not state (it
+        # holds nothing the parameters do not, and the forward never reads it).
+        self._host_views: list | None = None
 
     def initial_state(self, batch: int, device: torch.device) -> GateState:
         z = torch.zeros(batch, self.hidden_dim, device=device)
@@ -132,46 +133,72 @@ class RNNGate(nn.Module):
     def logit_one(self, x: torch.Tensor, index: int, state: GateState = None) -> tuple[float, GateState]:
         """The logit for a batch of one, as a Python number, with the state as NumPy arrays on the CPU.
 
-        On the CPU, after the pooling, the step is a few 10-wide NumPy products: inside a network at
-        batch 1 the same ops as torch calls (embedding, LSTM cell, projection) took about 170 us per
-        gate, 17 gates 2.9 ms against 10.9 ms for SkipNet-38's 18 blocks. Elsewhere, or with autograd on,
-        it is :meth:`forward` and one host synchronisation; so it is while a dispatch mode watches the
-        ops (FLOP counting, tracing), which would not see NumPy's.
+        On the CPU, the step is fused into two small NumPy products: the pooling (a product with a vector
+        of ``1/(H*W)`` on a view of the block's output), then one product of ``[embedding folded into the
+        LSTM's input weights | hidden weights]`` with ``[pooled; h]``, one ``tanh`` for all four LSTM gates
+        (``sigmoid(z) = (1 + tanh(z/2)) / 2``, the halving folded into the weights) and the projection.
+        Inside a network at batch 1 the torch ops took about 170 us per gate and the unfused NumPy step
+        about 31 us (docs/compression.md). Elsewhere, or with autograd on, it is :meth:`forward` and one
+        host synchronisation; so it is while a dispatch mode watches the ops (FLOP counting, tracing),
+        which would not see NumPy's.
         """
         if not x.is_cpu or x.dtype != torch.float32 or torch.is_grad_enabled() or is_in_torch_dispatch_mode():
             if state is not None and isinstance(state[0], np.ndarray):
                 state = tuple(torch.from_numpy(s).to(x.device).unsqueeze(0) for s in state)
             logit, state = self(x, index, state)
             return float(logit), state
-        w_e, b_e, w_ih, w_hh, b, w_p, b_p = self._host_weights(index)
-        pooled = x.mean((2, 3)).numpy()[0]
+        w, b, w_p, b_p = self._host_weights(index)
+        n = self.hidden_dim
         if state is None:
-            h = c = np.zeros(self.hidden_dim, dtype=np.float32)
+            h = c = np.zeros(n, dtype=np.float32)
         elif isinstance(state[0], np.ndarray):
             h, c = state
         else:  # a torch state (the first positions ran elsewhere)
             h, c = (s.detach().cpu().numpy().reshape(-1) for s in state)
-        z = w_ih @ (w_e @ pooled + b_e) + w_hh @ h + b
-        n = self.hidden_dim  # torch's gate order: input, forget, cell, output
-        sig = 1.0 / (1.0 + np.exp(-z))
-        c = sig[n:2 * n] * c + sig[:n] * np.tanh(z[2 * n:3 * n])
-        h = sig[3 * n:] * np.tanh(c)
-        return float(w_p @ h + b_p), (h, c)
+        z = w @ np.concatenate((_pooled(x), h))
+        z += b
+        t = np.tanh(z, out=z)  # torch's gate order: input, forget, cell, output
+        s = t * 0.5
+        s += 0.5
+        c = s[n:2 * n] * c + s[:n] * t[2 * n:3 * n]
+        h = s[3 * n:] * np.tanh(c)
+        return float(w_p @ h) + b_p, (h, c)
 
-    def _host_weights(self, index: int) -> tuple[np.ndarray, ...]:
-        """NumPy views of position ``index``'s weights. Views, so an optimizer step or a loaded state dict
-        (both write in place) shows through; rebuilt when the storage moves (``.to()``, assigned
-        parameters), which a view keeps alive, so its address cannot be reused meanwhile."""
-        lstm = self.lstm
-        key = lstm.weight_ih.data_ptr()
-        if self._host_views is None or self._host_views[0] != key:
-            view = [p.detach().numpy() for p in (lstm.weight_ih, lstm.weight_hh, lstm.bias_ih, lstm.bias_hh,
-                                                  self.proj.weight, self.proj.bias)]
-            view[4] = view[4][0]
-            embeds = [(e.weight.detach().numpy(), e.bias.detach().numpy()) for e in self.embed]
-            self._host_views = key, embeds, view
-        _, embeds, (w_ih, w_hh, b_ih, b_hh, w_p, b_p) = self._host_views
-        return *embeds[index], w_ih, w_hh, b_ih + b_hh, w_p, float(b_p[0])
+    def _host_weights(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """Position ``index``'s fused step weights (see :meth:`logit_one`), computed from the parameters and
+        kept until one of them changes: an optimizer step, a loaded state dict or :meth:`sharpen` writes in
+        place and bumps the tensor's version; ``.to()`` or assigned parameters change its storage. Both are
+        part of the key, so a changed weight is never served stale. A cache of derived weights, not state."""
+        cache = self._host_views
+        if cache is None or len(cache) != len(self.embed):
+            cache = self._host_views = [None] * len(self.embed)
+        hit = cache[index]
+        if hit is not None:
+            # Parameters read from their modules' dicts (cheap; nn.Module attribute access is not): the same
+            # objects, storage and versions as when the weights were fused.
+            (embed, lstm, proj), fused, refs, key = hit
+            e, l_, p_ = embed._parameters, lstm._parameters, proj._parameters
+            now = (e["weight"], e["bias"], l_["weight_ih"], l_["weight_hh"], l_["bias_ih"], l_["bias_hh"],
+                   p_["weight"], p_["bias"])
+            same = (self._modules["lstm"] is lstm and self._modules["proj"] is proj
+                    and self.embed._modules[str(index)] is embed and all(a is b for a, b in zip(now, refs)))
+            if same and key == tuple((t.data_ptr(), t._version) for t in now):
+                return fused
+        embed, lstm = self.embed[index], self.lstm
+        params = (embed.weight, embed.bias, lstm.weight_ih, lstm.weight_hh, lstm.bias_ih, lstm.bias_hh,
+                  self.proj.weight, self.proj.bias)
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        with torch.no_grad():
+            w_e, b_e, w_ih, w_hh, b_ih, b_hh, w_p, b_p = (p.detach().double() for p in params)
+            w = torch.cat([w_ih @ w_e, w_hh], 1)
+            b = w_ih @ b_e + b_ih + b_hh
+            half = torch.ones(4 * self.hidden_dim, dtype=torch.float64)
+            half[:2 * self.hidden_dim] = 0.5  # input and forget gates: sigmoid(z) = (1 + tanh(z / 2)) / 2
+            half[3 * self.hidden_dim:] = 0.5  # output gate
+            fused = ((w * half[:, None]).float().numpy(), (b * half).float().numpy(), w_p[0].float().numpy(),
+                     float(b_p[0]))
+        cache[index] = ((embed, lstm, self.proj), fused, params, key)
+        return fused
 
     @torch.no_grad()
     def sharpen(self, temperature: float) -> None:
@@ -187,6 +214,24 @@ class RNNGate(nn.Module):
 def _check_temperature(temperature: float) -> None:
     if not (isinstance(temperature, (int, float)) and 0.0 < temperature < float("inf")):
         raise ValueError(f"gate temperature must be a positive finite number, got {temperature!r}")
+
+
+@functools.lru_cache(maxsize=64)
+def _averaging_vector(n: int) -> np.ndarray:
+    v = np.full(n, 1.0 / n, dtype=np.float32)
+    v.flags.writeable = False
+    return v
+
+
+def _pooled(x: torch.Tensor) -> np.ndarray:
+    """Global average pool of one CPU image ``[1, C, H, W]`` as a NumPy vector ``[C]``: a product with a
+    vector of ``1/(H*W)`` on a view of its memory (channels-last or contiguous), about half of what
+    ``x.mean((2, 3))`` costs at these sizes; a copy for any other layout."""
+    _, c, h, w = x.shape
+    a, avg = x.numpy(), _averaging_vector(h * w)
+    if x.is_contiguous():
+        return a.reshape(c, h * w) @ avg
+    return avg @ a.transpose(0, 2, 3, 1).reshape(h * w, c)
 
 
 def select_state(state: GateState, rows: torch.Tensor) -> GateState:

@@ -58,6 +58,27 @@ def block_out_channels(block: nn.Module) -> int:
     return bn.num_features
 
 
+def _stochastic_depth(drop_rate: float | torch.Tensor, x: torch.Tensor, mode: str) -> torch.Tensor | None:
+    """``drop_rate`` as a tensor on ``x``'s device, checked; None for none (the default path, inference,
+    makes no tensor and no host synchronisation for it)."""
+    if not (isinstance(drop_rate, torch.Tensor) or drop_rate):
+        return None
+    drop = torch.as_tensor(drop_rate, dtype=x.dtype, device=x.device)
+    if not (drop.ge(0).all() and drop.lt(1).all()):
+        raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+    if mode == "sample":
+        raise ValueError("drop_rate forces skips the policy did not choose: not with mode='sample' (RL)")
+    return drop
+
+
+def _dropped(d: GateDecision, drop: torch.Tensor | None) -> GateDecision:
+    """``d`` with each row's block skipped with probability ``drop`` (stochastic depth), recorded as skipped."""
+    if drop is None:
+        return d
+    keep = torch.bernoulli((1.0 - drop).expand_as(d.action))
+    return GateDecision(d.gate * keep, d.action * keep, d.prob, d.log_prob)
+
+
 class SkipResNet(nn.Module):
     """A gated ResNet over any backbone that exposes ``stem``, ``blocks()`` and ``forward_head``.
 
@@ -130,15 +151,12 @@ class SkipResNet(nn.Module):
             threshold: overrides the model's execute threshold (a server raises it to skip more).
             run_gates: with ``actions``, False leaves the gates out (their probabilities are reported
                 as the actions): isolates the execution engine's own cost in benchmarks.
-            open_first: blocks ``1 .. open_first`` execute whatever their gate says (a curriculum that
-                opens the decisions block by block from the last, as BlockDrop does); their gates still
-                run, and in ``sample`` mode their log-probability is 0, so they get no policy gradient.
-            temperature: the Gumbel-sigmoid temperature (``mode="gumbel"``).
-            drop_rate: stochastic depth (Huang et al., ECCV'16) over the gated blocks: each sample skips
-                each gated block with this probability whatever its gate says (recorded as skipped).
-                Training only: it teaches the backbone to work with any subset of its blocks, so that
-                the blocks a policy leaves out for easy inputs cost little accuracy.
-            prob_bound: ``mode="sample"``: BlockDrop's exploration bound (:func:`gating.policy.decide`).
+            open_first: blocks ``1 .. open_first`` execute whatever their gate says (BlockDrop's curriculum
+                from the last block); their gates run, with log-probability 0 (no policy gradient).
+            temperature, prob_bound: the Gumbel-sigmoid temperature (``mode="gumbel"``); BlockDrop's
+                exploration bound (``mode="sample"``, :func:`gating.policy.decide`).
+            drop_rate: stochastic depth (Huang et al., ECCV'16), training only: each sample skips each
+                gated block with this probability (a float, or one per sample) whatever its gate says.
         """
         mode = mode or ("hard_st" if self.training else "greedy")
         execution = execution or ("masked" if self.training else "skip")
@@ -147,12 +165,7 @@ class SkipResNet(nn.Module):
         thr = self.threshold if threshold is None else threshold
         if actions is None and not run_gates:
             raise ValueError("run_gates=False needs actions: without gates there are no decisions")
-        drop = torch.as_tensor(drop_rate, dtype=x.dtype, device=x.device)
-        if drop.numel() and not (drop.ge(0).all() and drop.lt(1).all()):
-            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
-        drop = drop if drop.any() else None
-        if drop is not None and mode == "sample":
-            raise ValueError("drop_rate forces skips the policy did not choose: not with mode='sample' (RL)")
+        drop = _stochastic_depth(drop_rate, x, mode)
         if x.shape[0] == 1 and execution == "skip" and mode == "greedy" and not torch.is_grad_enabled():
             return self._forward_one(x, thr, actions, run_gates)
         x = self.backbone.stem(x)
@@ -164,9 +177,7 @@ class SkipResNet(nn.Module):
         for i in range(1, self.num_blocks):
             d, state = self._decide(i, x, state, mode, thr, actions, run_gates, i <= open_first, temperature,
                                     prob_bound)
-            if drop is not None:
-                keep = torch.bernoulli((1.0 - drop).expand_as(d.action))
-                d = GateDecision(d.gate * keep, d.action * keep, d.prob, d.log_prob)
+            d = _dropped(d, drop)
             x = self._run_block(self._blocks[i], x, d, execution)
             executed.append(d.action)
             probs.append(d.prob)

@@ -137,23 +137,14 @@ class SkipNetModule(ClassifierModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(net, optimizer, scheduler, **kwargs)
-        if sp_gate not in ("hard", "soft"):
-            raise ValueError(f"sp_gate must be 'hard' or 'soft', got {sp_gate!r}")
-        if reward_cost not in ("uniform", "flops"):
-            raise ValueError(f"reward_cost must be 'uniform' or 'flops', got {reward_cost!r}")
-        _check_choices(train_execution, rl_batchnorm, pg_reduction, stage)
+        _check_choices(train_execution, rl_batchnorm, pg_reduction, stage, sp_gate, reward_cost)
         self.baseline_mode = _baseline_mode(baseline)
         if reward not in REWARDS or not 0.0 < budget <= 1.0 or not 0.0 <= target_rate <= 1.0:
             raise ValueError(f"reward must be one of {REWARDS} (got {reward!r}), budget in (0, 1] (got {budget}), "
                              f"target_rate in [0, 1] (got {target_rate})")
         if gate_lr is not None and not gate_lr > 0:
             raise ValueError(f"gate_lr must be a positive learning rate or null, got {gate_lr!r}")
-        if backbone_lr is not None and (not backbone_lr >= 0 or stage != "rl"):
-            raise ValueError(f"backbone_lr must be >= 0 (0 freezes the backbone) or null, and is for stage 'rl' "
-                             f"only; got {backbone_lr!r} with stage {stage!r}")
-        if not 0.0 <= drop_rate < 1.0 or (drop_rate and stage not in ("sp", "gumbel")):
-            raise ValueError(f"drop_rate must be in [0, 1) and is for stages 'sp' and 'gumbel' (stochastic depth); "
-                             f"got {drop_rate!r} with stage {stage!r}")
+        _check_stage_options(stage, backbone_lr, drop_rate, prob_bound, wrong_penalty)
         if gate_temperature != 1.0:
             net.gate.sharpen(gate_temperature)
         if stage == "finetune":
@@ -367,7 +358,12 @@ class SkipNetModule(ClassifierModule):
         }
 
 
-def _check_choices(train_execution: str, rl_batchnorm: str, pg_reduction: str, stage: str) -> None:
+def _check_choices(train_execution: str, rl_batchnorm: str, pg_reduction: str, stage: str, sp_gate: str = "hard",
+                   reward_cost: str = "uniform") -> None:
+    if sp_gate not in ("hard", "soft"):
+        raise ValueError(f"sp_gate must be 'hard' or 'soft', got {sp_gate!r}")
+    if reward_cost not in ("uniform", "flops"):
+        raise ValueError(f"reward_cost must be 'uniform' or 'flops', got {reward_cost!r}")
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     if train_execution not in ("masked", "skip"):
@@ -381,6 +377,19 @@ def _check_choices(train_execution: str, rl_batchnorm: str, pg_reduction: str, s
     if train_execution == "skip" and rl_batchnorm != "eval":
         raise ValueError("train_execution='skip' runs each block on a sub-batch, where batch statistics differ from "
                          "masked execution's: set rl_batchnorm='eval' (running statistics) or train_execution='masked'")
+
+
+def _check_stage_options(stage: str, backbone_lr: float | None, drop_rate: float, prob_bound: float,
+                         wrong_penalty: float) -> None:
+    if backbone_lr is not None and (not backbone_lr >= 0 or stage != "rl"):
+        raise ValueError(f"backbone_lr must be >= 0 (0 freezes the backbone) or null, and is for stage 'rl' "
+                         f"only; got {backbone_lr!r} with stage {stage!r}")
+    if not 0.5 < prob_bound <= 1.0 or not wrong_penalty >= 0.0:
+        raise ValueError(f"prob_bound must be in (0.5, 1] (got {prob_bound}) and wrong_penalty >= 0 "
+                         f"(got {wrong_penalty})")
+    if not 0.0 <= drop_rate < 1.0 or (drop_rate and stage not in ("sp", "gumbel")):
+        raise ValueError(f"drop_rate must be in [0, 1) and is for stages 'sp' and 'gumbel' (stochastic depth); "
+                         f"got {drop_rate!r} with stage {stage!r}")
 
 
 def _baseline_mode(baseline: bool | str | None) -> str:

@@ -91,6 +91,19 @@ def pareto_front(points: Sequence[P], cost: Callable[[P], float] = lambda p: p.e
     return best
 
 
+_ACC_TOL = 1e-12  # an accuracy this far below the floor still meets it (float rounding of k / n)
+
+
+def _correct_needed(min_accuracy: float, n: int) -> int:
+    """The fewest right answers out of ``n`` whose accuracy meets ``min_accuracy`` as :meth:`ThresholdSearch.evaluate`
+    judges it: the search and the evaluation must agree on what is feasible, to the last sample (a floor of
+    1e-9 on one sample needs one right answer, not zero)."""
+    need = max(0, int(math.ceil(min_accuracy * n - 1e-9)))
+    while need < n and (need / n if n else 0.0) < min_accuracy - _ACC_TOL:
+        need += 1
+    return need
+
+
 class ThresholdSearch:
     """Find the cheapest thresholds whose accuracy on the calibration data is at least a floor.
 
@@ -122,7 +135,7 @@ class ThresholdSearch:
         reach = 1.0 - np.concatenate([[0.0], np.cumsum(exit_rate)[:-1]])
         cost = float((self.costs * reach).sum())
         return OperatingPoint(tuple(float(t) for t in thresholds), acc, cost, tuple(reach.tolist()),
-                              tuple(exit_rate.tolist()), bool(acc >= min_accuracy - 1e-12), float(min_accuracy))
+                              tuple(exit_rate.tolist()), bool(acc >= min_accuracy - _ACC_TOL), float(min_accuracy))
 
     def _check(self, confidences: Sequence[np.ndarray], correct: np.ndarray) -> np.ndarray:
         correct = np.asarray(correct, dtype=bool)
@@ -143,7 +156,7 @@ class ThresholdSearch:
         correct = self._check(confidences, correct)
         confs = [np.asarray(c, dtype=np.float64) for c in confidences]
         n = correct.shape[1]
-        need = int(math.ceil(min_accuracy * n - 1e-9))
+        need = _correct_needed(min_accuracy, n)
         k = len(self.costs)
         if k == 2:
             t, _ = _best_split(confs[0], correct[0], correct[1], np.full(n, self.costs[1]), 0, need)

@@ -186,6 +186,9 @@ def _trained_net(folder: Path, cfg: DictConfig, record: dict[str, Any]) -> nn.Mo
         raise UserError(f"{str(folder)!r} is not a training run of a model (no model.net in its {CONFIG})")
     net = instantiate(_without_pretrained(cfg.model.net))
     load_pretrained(net, resolve_checkpoint(folder))
+    point = record.get("operating_point")
+    if point and isinstance(net, SkipResNet):  # the gate threshold the run chose on val (operating_cost_pct)
+        net.threshold = float(point["threshold"])
     return net.eval()
 
 

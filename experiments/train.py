@@ -77,6 +77,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "data": {"name": cfg.data.get("name"), "splits": datamodule.split_sizes()
                  if hasattr(datamodule, "split_sizes") else None},
     }
+    if getattr(model, "operating_point", None):  # a gate threshold chosen on val: every later loader uses it
+        record["operating_point"] = model.operating_point
     if getattr(model, "test_report", None):  # dynamic models: execution rates, skip patterns, ...
         record["test_report"] = model.test_report
     if getattr(model, "test_inputs", None):  # does the cost follow the input? (by severity where recorded)

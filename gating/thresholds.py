@@ -17,6 +17,9 @@ correctness for every sample, computed once with every stage run on every sample
   search with the other thresholds fixed (cost never rises once feasible).
 
 :class:`OperatingPoint` reports thresholds, accuracy, expected cost and per-stage reach/exit rates.
+
+A gated network (SkipNet) has one execute threshold for all its gates; :func:`gate_threshold_for_budget`
+chooses it on calibration data for a cost budget (:class:`GateOperatingPoint`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import numpy as np
 
 P = TypeVar("P")
 
-__all__ = ["OperatingPoint", "ThresholdSearch", "accuracy_floor", "exit_stages", "pareto_front"]
+__all__ = ["GateOperatingPoint", "OperatingPoint", "ThresholdSearch", "accuracy_floor", "exit_stages",
+           "gate_threshold_for_budget", "pareto_front"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,42 @@ def pareto_front(points: Sequence[P], cost: Callable[[P], float] = lambda p: p.e
         if not best or accuracy(p) > accuracy(best[-1]):
             best.append(p)
     return best
+
+
+@dataclass(frozen=True)
+class GateOperatingPoint:
+    """A gated network's execute threshold chosen on calibration data for a cost budget, and what it gave."""
+
+    threshold: float
+    cost: float            # mean cost per input on the calibration data, in the budget's unit
+    accuracy: float
+    budget: float
+    within_budget: bool    # False: no candidate fit, and this is the cheapest one
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def gate_threshold_for_budget(measured: Sequence[tuple[float, float, float]], budget: float) -> GateOperatingPoint:
+    """The gate threshold that buys the most computation within ``budget``.
+
+    ``measured`` holds ``(threshold, mean cost, accuracy)`` per candidate, each measured on calibration data
+    (validation, never test) with the network run at that threshold; the decisions of later gates depend on
+    earlier ones, so cost is measured, not assumed monotone in the threshold. Of the candidates whose cost is
+    at most ``budget`` the costliest is chosen (more computation within the same budget is what a dynamic
+    network trades for accuracy), the more accurate, then the lower threshold, among ties. Where none fits,
+    the cheapest candidate, with ``within_budget=False``.
+    """
+    if not measured:
+        raise ValueError("gate_threshold_for_budget needs at least one measured candidate")
+    if not budget > 0 or not math.isfinite(budget):
+        raise ValueError(f"budget must be a positive finite cost, got {budget!r}")
+    fits = [m for m in measured if m[1] <= budget]
+    if fits:
+        t, cost, acc = max(fits, key=lambda m: (m[1], m[2], -m[0]))
+    else:
+        t, cost, acc = min(measured, key=lambda m: (m[1], -m[2], m[0]))
+    return GateOperatingPoint(float(t), float(cost), float(acc), float(budget), bool(fits))
 
 
 _ACC_TOL = 1e-12  # an accuracy this far below the floor still meets it (float rounding of k / n)

@@ -523,3 +523,29 @@ def test_correctness_reward_and_exploration_bound_by_hand():
     assert torch.allclose(d.log_prob, expected, atol=1e-5)
     with pytest.raises(ValueError, match="prob_bound"):
         decide(logit, "sample", prob_bound=0.4)
+
+
+def test_operating_point_is_chosen_on_val_and_kept_by_the_run(tmp_path):
+    """operating_cost_pct: the test runs at the threshold chosen on val for the budget, and every later
+    loader of the run (evaluation, serving, gate_flip) gets that threshold from the run record."""
+    from experiments.runs import load_run
+
+    record = _stage(tmp_path, "rl", ["model=skipnet20", "model.stage=rl", "model.operating_cost_pct=70",
+                                     "model.operating_thresholds=[0.2,0.5,0.8]"])
+    point = record["operating_point"]
+    costs = {c["threshold"]: c["val/gflops_per_img"] for c in point["candidates"]}
+    budget = 0.7 * point["full_gflops_per_img"]
+    assert sorted(costs) == [0.2, 0.5, 0.8]
+    if point["within_budget"]:  # the costliest candidate within the budget
+        assert costs[point["threshold"]] <= budget
+        assert all(c > budget or c <= costs[point["threshold"]] for c in costs.values())
+    else:
+        assert costs[point["threshold"]] == min(costs.values())
+    saved = json.loads((tmp_path / "rl" / "metrics.json").read_text())
+    assert saved["operating_point"]["threshold"] == point["threshold"]
+    adapter = load_run(tmp_path / "rl")
+    assert adapter.net.threshold == point["threshold"]
+    with pytest.raises(ValueError, match="operating_cost_pct"):
+        _module(operating_cost_pct=0)
+    with pytest.raises(ValueError, match="operating_thresholds"):
+        _module(operating_cost_pct=50, operating_thresholds=[0.5, 1.0])

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from gating.thresholds import ThresholdSearch, accuracy_floor, exit_stages, pareto_front
+from gating.thresholds import ThresholdSearch, accuracy_floor, exit_stages, gate_threshold_for_budget, pareto_front
 
 
 def _candidates(conf: np.ndarray) -> list[float]:
@@ -142,3 +142,21 @@ def test_search_rejects_mismatched_inputs():
         search.fit([np.zeros(3)], np.zeros((3, 3), bool), 0.5)
     with pytest.raises(ValueError, match="at least two"):
         ThresholdSearch([1.0])
+
+
+def test_gate_threshold_for_budget_buys_the_most_computation_within_it():
+    # (threshold, cost, accuracy); cost is not monotone in the threshold (0.6 costs more than 0.5)
+    measured = [(0.3, 0.60, 0.97), (0.4, 0.52, 0.96), (0.5, 0.41, 0.95), (0.6, 0.45, 0.94), (0.7, 0.30, 0.90)]
+    p = gate_threshold_for_budget(measured, 0.50)
+    assert (p.threshold, p.cost, p.accuracy, p.within_budget) == (0.6, 0.45, 0.94, True)
+    assert gate_threshold_for_budget(measured, 0.52).threshold == 0.4  # a cost at the budget fits
+    assert gate_threshold_for_budget(measured, 1.0).threshold == 0.3
+    # equal cost: the more accurate, then the lower threshold
+    assert gate_threshold_for_budget([(0.2, 0.5, 0.9), (0.3, 0.5, 0.95), (0.4, 0.5, 0.95)], 0.5).threshold == 0.3
+    none = gate_threshold_for_budget(measured, 0.1)  # nothing fits: the cheapest, said so
+    assert (none.threshold, none.within_budget, none.budget) == (0.7, False, 0.1)
+    assert none.to_dict()["within_budget"] is False
+    with pytest.raises(ValueError, match="at least one"):
+        gate_threshold_for_budget([], 0.5)
+    with pytest.raises(ValueError, match="positive finite"):
+        gate_threshold_for_budget(measured, 0.0)

@@ -14,6 +14,7 @@ from torchmetrics import MeanMetric
 from experiments.systems.classifier import ClassifierModule
 from gating.cost import CostTable
 from gating.policy import target_rate_loss
+from gating.thresholds import gate_threshold_for_budget
 from gating.reinforce import (
     REDUCTIONS,
     bernoulli_entropy,
@@ -31,6 +32,7 @@ STAGES = ("sp", "rl", "finetune", "gumbel")
 BATCHNORM_MODES = ("train", "eval")
 BASELINES = ("none", "moving", "self_critical")
 REWARDS = ("skip", "budget", "correct")
+THRESHOLD_GRID = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05 ... 0.95
 
 
 class SkipNetModule(ClassifierModule):
@@ -93,6 +95,12 @@ class SkipNetModule(ClassifierModule):
         gumbel_temperature, target_rate, target_rate_weight, target_rate_per_layer: ``stage="gumbel"``
             (ConvNet-AIG): straight-through Gumbel-sigmoid gates trained by cross-entropy plus
             ``target_rate_weight`` times the target-rate loss (per layer or global), masked execution.
+        operating_cost_pct: set, the gate threshold is chosen on the val split before testing: of
+            ``operating_thresholds``, the one that runs the most computation within this percentage of the
+            full network's GFLOPs per image (:func:`gating.thresholds.gate_threshold_for_budget`). The test
+            runs at it and the run record keeps it (``operating_point``), where every later loader of the
+            run finds it. None: the network's own threshold.
+        operating_thresholds: the candidate thresholds, each measured by one pass over the val split.
         **kwargs: see :class:`experiments.systems.ClassifierModule`.
 
     Logged (all with units): ``{val,test}/acc``, ``{val,test}/gflops_per_img`` (exact, gates
@@ -134,17 +142,18 @@ class SkipNetModule(ClassifierModule):
         target_rate: float = 0.5,
         target_rate_weight: float = 1.0,
         target_rate_per_layer: bool = True,
+        operating_cost_pct: float | None = None,
+        operating_thresholds: tuple[float, ...] | list[float] = THRESHOLD_GRID,
         **kwargs: Any,
     ) -> None:
+        # Plain floats, not a config's list: the saved hparams must load with torch.load(weights_only=True).
+        operating_thresholds = tuple(float(t) for t in operating_thresholds)
         super().__init__(net, optimizer, scheduler, **kwargs)
         _check_choices(train_execution, rl_batchnorm, pg_reduction, stage, sp_gate, reward_cost)
         self.baseline_mode = _baseline_mode(baseline)
-        if reward not in REWARDS or not 0.0 < budget <= 1.0 or not 0.0 <= target_rate <= 1.0:
-            raise ValueError(f"reward must be one of {REWARDS} (got {reward!r}), budget in (0, 1] (got {budget}), "
-                             f"target_rate in [0, 1] (got {target_rate})")
-        if gate_lr is not None and not gate_lr > 0:
-            raise ValueError(f"gate_lr must be a positive learning rate or null, got {gate_lr!r}")
+        _check_reward_options(reward, budget, target_rate, gate_lr)
         _check_stage_options(stage, backbone_lr, drop_rate, prob_bound, wrong_penalty)
+        _check_operating_options(operating_cost_pct, operating_thresholds)
         if gate_temperature != 1.0:
             net.gate.sharpen(gate_temperature)
         if stage == "finetune":
@@ -152,14 +161,14 @@ class SkipNetModule(ClassifierModule):
         if backbone_lr == 0:
             net.backbone.requires_grad_(False)
         self.register_buffer("baseline_value", torch.zeros(net.num_gates))
-        self.val_gflops, self.test_gflops = MeanMetric(), MeanMetric()
-        self.val_comp, self.test_comp = MeanMetric(), MeanMetric()
+        self.val_gflops, self.test_gflops, self.val_comp, self.test_comp = (MeanMetric() for _ in range(4))
         self._table: CostTable | None = None
         self._test_exec_sum: torch.Tensor | None = None
         self._test_count = 0
         self._patterns: Counter[str] = Counter()
         self.test_report: dict[str, Any] = {}
         self.test_inputs: list[dict[str, Any]] = []
+        self.operating_point: dict[str, Any] = {}
 
     def train(self, mode: bool = True) -> "SkipNetModule":
         """Training mode, with the backbone's BatchNorm in eval mode where ``rl_batchnorm="eval"``."""
@@ -318,6 +327,43 @@ class SkipNetModule(ClassifierModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         self._log_eval("val", *self._eval_step(batch))
 
+    def on_test_start(self) -> None:
+        if self.hparams.operating_cost_pct is not None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            if datamodule is None:
+                raise ValueError("operating_cost_pct chooses the gate threshold on the val split: test with a "
+                                 "datamodule, or set operating_cost_pct to null")
+            self.calibrate_operating_point(datamodule.val_dataloader())
+
+    @torch.no_grad()
+    def calibrate_operating_point(self, loader) -> dict[str, Any]:
+        """Choose the gate threshold on ``loader`` (the val split) for ``operating_cost_pct`` and set it on the
+        network; returns (and keeps in :attr:`operating_point`) what was measured and chosen."""
+        hp = self.hparams
+        measured, full = [], None
+        with _modes_kept(self.net):
+            self.net.eval()
+            for t in hp.operating_thresholds:
+                correct = seen = 0
+                flops = 0.0
+                for x, y in loader:
+                    x, y = self._prepare(x.to(self.device)), y.to(self.device)
+                    out = self.net(x, mode="greedy", execution="skip", threshold=float(t))
+                    table = self.cost_table(x)
+                    flops += float(table.per_sample(out.executed).sum())
+                    correct += int((out.logits.argmax(1) == y).sum())
+                    seen += len(y)
+                full = table.full_flops / 1e9
+                measured.append((float(t), flops / max(seen, 1) / 1e9, correct / max(seen, 1)))
+        point = gate_threshold_for_budget(measured, hp.operating_cost_pct / 100.0 * full)
+        self.net.threshold = point.threshold
+        self.operating_point = {
+            "threshold": point.threshold, "cost_pct": float(hp.operating_cost_pct), "within_budget": point.within_budget,
+            "val/gflops_per_img": point.cost, "val/acc": point.accuracy, "full_gflops_per_img": full,
+            "candidates": [{"threshold": t, "val/gflops_per_img": c, "val/acc": a} for t, c, a in measured],
+        }
+        return self.operating_point
+
     def on_test_epoch_start(self) -> None:
         self._test_exec_sum, self._test_count, self._patterns = None, 0, Counter()
         self.test_inputs = []
@@ -390,6 +436,22 @@ def _check_stage_options(stage: str, backbone_lr: float | None, drop_rate: float
     if not 0.0 <= drop_rate < 1.0 or (drop_rate and stage not in ("sp", "gumbel")):
         raise ValueError(f"drop_rate must be in [0, 1) and is for stages 'sp' and 'gumbel' (stochastic depth); "
                          f"got {drop_rate!r} with stage {stage!r}")
+
+
+def _check_reward_options(reward: str, budget: float, target_rate: float, gate_lr: float | None) -> None:
+    if reward not in REWARDS or not 0.0 < budget <= 1.0 or not 0.0 <= target_rate <= 1.0:
+        raise ValueError(f"reward must be one of {REWARDS} (got {reward!r}), budget in (0, 1] (got {budget}), "
+                         f"target_rate in [0, 1] (got {target_rate})")
+    if gate_lr is not None and not gate_lr > 0:
+        raise ValueError(f"gate_lr must be a positive learning rate or null, got {gate_lr!r}")
+
+
+def _check_operating_options(cost_pct: float | None, thresholds) -> None:
+    if cost_pct is not None and not 0.0 < cost_pct <= 100.0:
+        raise ValueError(f"operating_cost_pct must be in (0, 100] (percent of the full network's GFLOPs) or null, "
+                         f"got {cost_pct!r}")
+    if not len(thresholds) or not all(0.0 < float(t) < 1.0 for t in thresholds):
+        raise ValueError(f"operating_thresholds must be gate probabilities in (0, 1), got {list(thresholds)!r}")
 
 
 def _baseline_mode(baseline: bool | str | None) -> str:

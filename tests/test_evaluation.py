@@ -301,3 +301,55 @@ def test_serve_builds_the_digits_models_and_prices_triage(digits_runs, tmp_path)
         costs = [lv.val_gflops_per_img for lv in levels]
         assert costs == sorted(costs, reverse=True) and len(set(costs)) == len(costs)  # each level cheaper
     assert engines["cascade"].levels[-1].settings["thresholds"][0] == float("-inf")
+
+
+def _eval_folder(path, models: dict[str, tuple[list[int], list[int], list[float]]]):
+    """A hand-made experiments.eval run folder: per model (labels, correct, flops) per test input."""
+    import json
+
+    path.mkdir(parents=True)
+    with open(path / "records.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["method", "index", "label", "correct", "flops"])
+        w.writeheader()
+        for m, (labels, correct, flops) in models.items():
+            for i in reversed(range(len(labels))):  # rows out of order: the reader sorts by index
+                w.writerow({"method": m, "index": i, "label": labels[i], "correct": correct[i], "flops": flops[i]})
+    (path / "metrics.json").write_text(json.dumps({"adaptivity": {"dyn": {"hardest_over_easiest": 1.2,
+                                                                          "spearman_rho": 0.4}}}))
+    return path
+
+
+def test_paired_difference_and_two_runs_agreement_by_hand(tmp_path, capsys):
+    from experiments.agreement import agreement
+    from experiments.stats import paired_difference
+
+    # 10 inputs: a right on 8, b right on 7; they disagree on 3 (a only on 2, b only on 1)
+    ca = torch.tensor([1, 1, 1, 1, 1, 1, 1, 1, 0, 0])
+    cb = torch.tensor([1, 1, 1, 1, 1, 1, 0, 0, 1, 0])
+    p = paired_difference(ca, cb)
+    assert (p.only_a, p.only_b, p.n) == (2, 1, 10) and p.diff == pytest.approx(0.1)
+    assert p.std_error == pytest.approx((3 / 100 - 1 / 1000) ** 0.5)
+    assert p.interval[0] < 0.1 < p.interval[1]
+    assert paired_difference(ca, ca).std_error == 0 and paired_difference(ca, ca).chance_beyond(0.01) == 0
+    assert 0 < p.chance_beyond(0.05) < p.chance_beyond(0.01) < 1
+    with pytest.raises(ValueError, match="equal"):
+        paired_difference(ca, cb[:5])
+
+    labels = list(range(10))
+    a = _eval_folder(tmp_path / "a", {"dyn": (labels, ca.tolist(), [1e9] * 10), "static": (labels, [1] * 10, [2e9] * 10)})
+    b = _eval_folder(tmp_path / "b", {"dyn": (labels, cb.tolist(), [1.02e9] * 10), "static": (labels, [1] * 10, [2e9] * 10)})
+    cfg = compose_config("agreement.yaml", [f"a={a}", f"b={b}", "tolerance_pts=5", "tolerance_flops_pct=3"], tmp_path / "out")
+    rows = {r["model"]: r for r in agreement(cfg)["models"]}
+    dyn = rows["dyn"]
+    assert dyn["acc_diff_pts"] == pytest.approx(10) and not dyn["acc_within_tol"]
+    assert dyn["flops_diff_pct"] == pytest.approx(100 * 0.02 / 1.01) and dyn["flops_within_tol"]
+    assert dyn["ratio_a"] == 1.2 and dyn["rho_b"] == 0.4
+    assert rows["static"]["acc_diff_pts"] == 0 and rows["static"]["acc_within_tol"]
+    assert (tmp_path / "out" / "agreement.md").is_file()
+    other = _eval_folder(tmp_path / "c", {"dyn": (labels[::-1], cb.tolist(), [1e9] * 10)})
+    with pytest.raises(SystemExit):  # one line for the user, exit status 2
+        agreement(compose_config("agreement.yaml", [f"a={a}", f"b={other}"], tmp_path / "out2"))
+    assert "did not score the same test inputs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        agreement(compose_config("agreement.yaml", [f"a={a}", f"b={b}", "models=[nope]"], tmp_path / "out3"))
+    assert "are not in both runs" in capsys.readouterr().err

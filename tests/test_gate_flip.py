@@ -70,12 +70,16 @@ def test_flip_by_level_counts_what_the_reward_asks_per_level():
     assert rows[1]["skip_pays_when_run_pct"] == 0.0 and rows[0]["inputs_with_an_improving_flip_pct"] == 50.0
 
 
+def _flip_untrained(tmp_path, data: str, experiment: str, overrides: list[str]) -> dict:
+    """gate_flip's entry point on an untrained run of ``experiment`` over ``data``, with ``overrides``."""
+    data_cfg = compose_config("train.yaml", [f"data={data}"], tmp_path / "x").data
+    run = write_untrained_run(tmp_path / "logs" / "train" / "runs" / "sn" / "0", experiment, data_cfg)
+    return gate_flip(compose_config("gate_flip.yaml", [f"run={run}", "split=val", *overrides], tmp_path / "flip"))
+
+
 def test_entry_point_on_a_skipnet_run(tmp_path):
-    data = compose_config("train.yaml", ["data=synthetic"], tmp_path / "x").data
-    run = write_untrained_run(tmp_path / "logs" / "train" / "runs" / "sn" / "0", "digits_skipnet20_rl", data)
-    cfg = compose_config("gate_flip.yaml", [f"run={run}", "split=val", "limit=40", "batch_size=16",
-                                            "reward.cost=flops"], tmp_path / "flip")
-    record = gate_flip(cfg)
+    record = _flip_untrained(tmp_path, "synthetic", "digits_skipnet20_rl", ["limit=40", "batch_size=16",
+                                                                           "reward.cost=flops"])
     assert record["summary"]["n"] == 40 and len(record["blocks"]) == 8
     assert record["reward"]["alpha"] == 1.0  # the run's own alpha (digits_skipnet20_rl)
     assert sum(record["reward"]["costs"]) == pytest.approx(1.0) and len(set(record["reward"]["costs"])) > 1
@@ -84,15 +88,13 @@ def test_entry_point_on_a_skipnet_run(tmp_path):
 
 
 def test_a_blockdrop_run_is_scored_with_its_own_reward_and_climbed_per_level(tmp_path):
-    data = compose_config("train.yaml", ["data=digits_c"], tmp_path / "x").data
-    run = write_untrained_run(tmp_path / "logs" / "train" / "runs" / "sn" / "0", "digits_c_skipnet20_rl", data)
-    cfg = compose_config("gate_flip.yaml", [f"run={run}", "split=val", "limit=60", "batch_size=30",
-                                            "ascent_rounds=2"], tmp_path / "flip")
-    record = gate_flip(cfg)
+    record = _flip_untrained(tmp_path, "digits_c", "digits_c_skipnet20_rl", ["limit=60", "batch_size=30",
+                                                                            "ascent_rounds=2"])
     assert record["reward"]["kind"] == "correct" and record["reward"]["wrong_penalty"] == 2.0
     levels = [r["level"] for r in record["optimum_by_level"]]
     assert levels == sorted(levels) and len(levels) > 1 and (tmp_path / "flip" / "optimum_by_level.csv").is_file()
     assert all(1 <= r["optimum_blocks_per_img"] <= 9 for r in record["optimum_by_level"])
+    run = tmp_path / "logs" / "train" / "runs" / "sn" / "0"
     budget = compose_config("gate_flip.yaml", [f"run={run}", "split=val", "limit=8", "reward.kind=budget"],
                             tmp_path / "flip2")
     with pytest.raises(SystemExit):  # a batch-dependent reward is refused in one line

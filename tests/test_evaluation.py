@@ -250,12 +250,18 @@ def test_adaptivity_metrics_on_hand_made_records():
     assert sk["spearman_rho"] == pytest.approx(spearman_rho([1, 1, 2, 2, 4, 3], [0, 0, 1, 1, 2, 2]))
     assert sk["spearman_rho"] > 0.9
     assert sk["acc_vs_random_pts"] == pytest.approx([50.0, 0.0, 50.0])  # sk 1, .5, .5; random .5, .5, 0
+    # overall, paired: sk alone right on inputs 1 and 4, random alone on none -> +2/6, se sqrt(2/36 - 4/216)
+    assert sk["acc_vs_random_all_pts"] == pytest.approx(100 * 2 / 6)
+    assert sk["acc_vs_random_se_pts"] == pytest.approx(100 * (2 / 36 - 4 / 216) ** 0.5)
+    lo, hi = sk["acc_vs_random_ci_pts"]
+    assert lo < 100 * 2 / 6 < hi and hi - lo == pytest.approx(2 * 1.959964 * sk["acc_vs_random_se_pts"], rel=1e-4)
     assert sk["exec_rate"][0] == [1.0, 0.0, 0.0, 0.0] and sk["exec_rate"][2] == [1.0, 1.0, 1.0, 0.5]
     assert m["flat"]["shape"] == "flat" and m["flat"]["spearman_rho"] is None and m["flat"]["distinct_patterns"] == 1
     assert m["cas"]["distinct_patterns"] == 2 and m["cas"]["exec_rate"] is None
     lines = adaptivity_statements(m)
     assert any("undefined (constant cost)" in ln and ln.startswith("flat:") for ln in lines)
-    assert any("random skipping per bucket (pts): +50.0, +0.0, +50.0" in ln for ln in lines)
+    assert any("random skipping per bucket (pts): +50.0, +0.0, +50.0; overall +33.33 pts (paired standard error 19.25"
+               in ln for ln in lines)
 
 
 def test_spearman_rho_by_hand():

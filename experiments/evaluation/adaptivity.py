@@ -11,7 +11,10 @@ the trend (a ladder's "unsolved" bucket is set aside):
 - ``spearman_rho``: Spearman's rank correlation between each input's cost and its difficulty bucket
   (None when the cost or the difficulty is constant: there is nothing to rank);
 - ``acc_vs_random_pts``: per bucket, its accuracy minus that of random skipping at its own per-block
-  rates (the evaluation's ``kind: random_skip`` method that ``match``es it), in points;
+  rates (the evaluation's ``kind: random_skip`` method that ``match``es it), in points; and over all
+  inputs (``acc_vs_random_all_pts``) with its paired standard error and 95% interval
+  (``acc_vs_random_se_pts``, ``acc_vs_random_ci_pts``), so that a gap the test split cannot tell from
+  zero reads as such;
 - ``exec_rate``: per bucket, each block's execution rate (the heat map's rows).
 """
 
@@ -21,9 +24,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from experiments.evaluation.difficulty import Buckets, severity_buckets
 from experiments.evaluation.report import trend_shape
+from experiments.stats import paired_difference
 
 __all__ = ["adaptivity_metrics", "adaptivity_statements", "plot_skip_heatmaps", "run_adaptivity", "spearman_rho"]
 
@@ -102,7 +107,22 @@ def adaptivity_metrics(records: Sequence[dict[str, Any]], buckets: Buckets, kind
         if m in out and rnd in out and out[m]["buckets"] == out[rnd]["buckets"]:
             out[m]["random_skip"] = rnd
             out[m]["acc_vs_random_pts"] = [100.0 * (a - r) for a, r in zip(out[m]["acc"], out[rnd]["acc"])]
+            out[m].update(_against_random(records, m, rnd))
     return out
+
+
+def _against_random(records: Sequence[dict[str, Any]], m: str, rnd: str) -> dict[str, Any]:
+    """``m``'s accuracy minus random skipping's over the inputs both answered, paired input by input."""
+    def correct(method: str) -> dict[int, int]:
+        return {int(r["index"]): int(r["correct"]) for r in records if r["method"] == method}
+
+    mine, theirs = correct(m), correct(rnd)
+    shared = sorted(set(mine) & set(theirs))
+    if not shared:
+        return {}
+    p = paired_difference(torch.tensor([mine[i] for i in shared]), torch.tensor([theirs[i] for i in shared]))
+    return {"acc_vs_random_all_pts": 100.0 * p.diff, "acc_vs_random_se_pts": 100.0 * p.std_error,
+            "acc_vs_random_ci_pts": [100.0 * p.interval[0], 100.0 * p.interval[1]]}
 
 
 def adaptivity_statements(metrics: dict[str, Any]) -> list[str]:
@@ -116,6 +136,10 @@ def adaptivity_statements(metrics: dict[str, Any]) -> list[str]:
         if "acc_vs_random_pts" in a:
             gaps = ", ".join(f"{g:+.1f}" for g in a["acc_vs_random_pts"])
             line += f"; accuracy minus random skipping per bucket (pts): {gaps}"
+        if "acc_vs_random_all_pts" in a:
+            lo, hi = a["acc_vs_random_ci_pts"]
+            line += (f"; overall {a['acc_vs_random_all_pts']:+.2f} pts (paired standard error "
+                     f"{a['acc_vs_random_se_pts']:.2f}, 95% interval {lo:+.2f} to {hi:+.2f})")
         lines.append(line)
     return lines
 

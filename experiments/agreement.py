@@ -91,7 +91,8 @@ def agreement(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.tolerance_pts >= 0 or not cfg.tolerance_flops_pct >= 0 or not 0 < cfg.level < 1:
         raise UserError(f"tolerance_pts and tolerance_flops_pct must be >= 0 and level in (0, 1); got "
                         f"{cfg.tolerance_pts}, {cfg.tolerance_flops_pct}, {cfg.level}")
-    (rows_a, rec_a), (rows_b, rec_b) = read_records(cfg.a), read_records(cfg.b)
+    run_a, run_b = find_run(cfg.a), find_run(cfg.b)
+    (rows_a, rec_a), (rows_b, rec_b) = read_records(run_a), read_records(run_b)
     shared = [m for m in rows_a if m in rows_b]
     models = list(cfg.models) if cfg.get("models") else shared
     missing = [m for m in models if m not in shared]
@@ -105,12 +106,12 @@ def agreement(cfg: DictConfig) -> dict[str, Any]:
         table.append(row)
     cols = COLUMNS + [c for c in ("ratio_a", "ratio_b", "rho_a", "rho_b") if any(c in r for r in table)]
     text = markdown_table(table, cols, floatfmt=".4g")
-    print(f"a = {find_run(cfg.a)}\nb = {find_run(cfg.b)}\n{text}")
+    print(f"a = {run_a}\nb = {run_b}\n{text}")
     out = output_dir()
     out.mkdir(parents=True, exist_ok=True)
     (out / "agreement.md").write_text(text + "\n")
     record = {"task": cfg.task_name, "run_name": cfg.get("run_name"), "output_dir": str(out),
-              "a": str(find_run(cfg.a)), "b": str(find_run(cfg.b)), "tolerance_pts": cfg.tolerance_pts,
+              "a": str(run_a), "b": str(run_b), "tolerance_pts": cfg.tolerance_pts,
               "tolerance_flops_pct": cfg.tolerance_flops_pct, "level": cfg.level, "models": table}
     write_run_record(cfg, record)
     return record

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from experiments.systems.classifier import ClassifierModule
+from gating.adapters import price_points
 from gating.cost import CostTable
 from gating.policy import target_rate_loss
-from gating.thresholds import gate_threshold_for_budget
 from gating.reinforce import (
     REDUCTIONS,
     bernoulli_entropy,
@@ -26,6 +26,8 @@ from gating.reinforce import (
     skip_rewards,
     update_baseline,
 )
+from gating.thresholds import gate_threshold_for_budget
+from skipnet.adapters import SkipNetAdapter
 from skipnet.models import SkipOutput, SkipResNet
 
 STAGES = ("sp", "rl", "finetune", "gumbel")
@@ -100,7 +102,8 @@ class SkipNetModule(ClassifierModule):
             full network's GFLOPs per image (:func:`gating.thresholds.gate_threshold_for_budget`). The test
             runs at it and the run record keeps it (``operating_point``), where every later loader of the
             run finds it. None: the network's own threshold.
-        operating_thresholds: the candidate thresholds, each measured by one pass over the val split.
+        operating_thresholds: the candidate thresholds, each measured by one pass over the val split (None:
+            0.05 ... 0.95 in steps of 0.05).
         **kwargs: see :class:`experiments.systems.ClassifierModule`.
 
     Logged (all with units): ``{val,test}/acc``, ``{val,test}/gflops_per_img`` (exact, gates
@@ -143,11 +146,11 @@ class SkipNetModule(ClassifierModule):
         target_rate_weight: float = 1.0,
         target_rate_per_layer: bool = True,
         operating_cost_pct: float | None = None,
-        operating_thresholds: tuple[float, ...] | list[float] = THRESHOLD_GRID,
+        operating_thresholds: tuple[float, ...] | list[float] | None = None,
         **kwargs: Any,
     ) -> None:
         # Plain floats, not a config's list: the saved hparams must load with torch.load(weights_only=True).
-        operating_thresholds = tuple(float(t) for t in operating_thresholds)
+        operating_thresholds = tuple(float(t) for t in (operating_thresholds or THRESHOLD_GRID))
         super().__init__(net, optimizer, scheduler, **kwargs)
         _check_choices(train_execution, rl_batchnorm, pg_reduction, stage, sp_gate, reward_cost)
         self.baseline_mode = _baseline_mode(baseline)
@@ -338,23 +341,16 @@ class SkipNetModule(ClassifierModule):
     @torch.no_grad()
     def calibrate_operating_point(self, loader) -> dict[str, Any]:
         """Choose the gate threshold on ``loader`` (the val split) for ``operating_cost_pct`` and set it on the
-        network; returns (and keeps in :attr:`operating_point`) what was measured and chosen."""
+        network; returns (and keeps in :attr:`operating_point`) what was measured and chosen. Each candidate
+        is priced as the evaluator and the server price an operating point (:func:`gating.adapters.price_points`)."""
         hp = self.hparams
-        measured, full = [], None
+        batches = list(loader)
+        x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
         with _modes_kept(self.net):
-            self.net.eval()
-            for t in hp.operating_thresholds:
-                correct = seen = 0
-                flops = 0.0
-                for x, y in loader:
-                    x, y = self._prepare(x.to(self.device)), y.to(self.device)
-                    out = self.net(x, mode="greedy", execution="skip", threshold=float(t))
-                    table = self.cost_table(x)
-                    flops += float(table.per_sample(out.executed).sum())
-                    correct += int((out.logits.argmax(1) == y).sum())
-                    seen += len(y)
-                full = table.full_flops / 1e9
-                measured.append((float(t), flops / max(seen, 1) / 1e9, correct / max(seen, 1)))
+            adapter = SkipNetAdapter(self.net, hp.operating_thresholds)
+            points = [p for p in price_points(adapter, x, y) if p.settings["threshold"] in hp.operating_thresholds]
+            full = adapter.cost_table(x[:1].to(adapter.device)).full_flops / 1e9
+        measured = [(p.settings["threshold"], p.val_gflops_per_img, p.val_acc) for p in points]
         point = gate_threshold_for_budget(measured, hp.operating_cost_pct / 100.0 * full)
         self.net.threshold = point.threshold
         self.operating_point = {

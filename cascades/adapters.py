@@ -52,16 +52,18 @@ class CascadeAdapter(ModelAdapter):
         return [self.cascade]
 
     def stage_costs(self, x: torch.Tensor) -> StageCosts:
-        """Exact FLOPs of each stage, its IDK decision included, at ``x``'s input shape."""
+        """Exact FLOPs (and int8 operations) of each stage, its IDK decision included, at ``x``'s input shape."""
         return self.cost_at(x, self.cascade.stage_costs)
 
     @torch.no_grad()
     def stage(self, k: int, x: torch.Tensor, point: Point | int | str | None = None) -> StageResult:
         thresholds = self.point(point).settings["thresholds"]
         logits, probs, features = self.cascade.run_stage(k, x)
-        flops = torch.full((len(x),), self.stage_costs(x).stage[k], dtype=torch.float64)
+        costs = self.stage_costs(x)
+        flops = torch.full((len(x),), costs.stage[k], dtype=torch.float64)
+        int8 = torch.full_like(flops, costs.int8[k]) if costs.has_int8 else None
         if k == self.num_stages - 1:
             done = torch.ones(len(x), dtype=torch.bool)
         else:
             done = (~self.cascade.decide(k, probs, features, thresholds[k]).defer).cpu()
-        return StageResult(done, logits, flops, None, x)
+        return StageResult(done, logits, flops, None, x, int8)

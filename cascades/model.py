@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import torch
 import torch.nn as nn
 
-from gating.cost import StageCosts, count_flops
+from gating.cost import StageCosts, stage_flops
 from gating.errors import UserError
 from gating.execution import run_exits
 from gating.idk import IDKDecider, IDKDecision
@@ -179,7 +179,8 @@ class IDKCascade(nn.Module):
 
     # --------------------------------------------------------------------------------- cost
     def stage_costs(self, example_input: torch.Tensor) -> StageCosts:
-        """Exact FLOPs per sample of each stage, its IDK decision included (counted at batch 1)."""
+        """Exact FLOPs per sample of each stage, its IDK decision included (counted at batch 1), and its int8
+        operations where a stage is quantized."""
         x = example_input[:1]
 
         def with_decider(k: int) -> Callable[[torch.Tensor], Any]:
@@ -191,10 +192,9 @@ class IDKCascade(nn.Module):
         was = self.training
         self.eval()
         try:
-            flops = tuple(float(count_flops(with_decider(k), x)) for k in range(self.num_stages))
+            return stage_flops([with_decider(k) for k in range(self.num_stages)], x, self.names, model=self)
         finally:
             self.train(was)
-        return StageCosts(self.names, flops)
 
 
 def build_cascade(

@@ -17,7 +17,7 @@ import math
 import statistics
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -35,6 +35,7 @@ __all__ = [
     "count_flops",
     "flops_by_module",
     "counting_int8_ops",
+    "counting_int8_ops_by_module",
     "int8_ops",
     "is_quantized",
     "model_cost",
@@ -165,6 +166,32 @@ def counting_int8_ops(model: nn.Module) -> Iterator[list[int]]:
             h.remove()
 
 
+@contextmanager
+def counting_int8_ops_by_module(model: nn.Module) -> Iterator[dict[str, int]]:
+    """Like :func:`counting_int8_ops`, per module path: yields ``{path: ops}`` where each int8 layer's
+    operations count towards its own path and every enclosing one (``""`` is the whole model), as
+    :func:`flops_by_module` attributes FLOPs."""
+    paths = {m: name for name, m in model.named_modules()}
+    out: dict[str, int] = {}
+    with counting_int8_ops(model) as total:
+        convs, linears = _quantized_kinds()
+        last = [0]
+
+        def attribute(m: nn.Module, args, output) -> None:  # runs after counting_int8_ops' own hook
+            spent, last[0] = total[0] - last[0], total[0]
+            parts = paths[m].split(".") if paths[m] else []
+            for k in range(len(parts) + 1):
+                key = ".".join(parts[:k])
+                out[key] = out.get(key, 0) + spent
+
+        handles = [m.register_forward_hook(attribute) for m in model.modules() if isinstance(m, convs + linears)]
+        try:
+            yield out
+        finally:
+            for h in handles:
+                h.remove()
+
+
 def int8_ops(model: nn.Module, *inputs: Any, forward: Callable[..., Any] | None = None) -> int:
     """Integer operations of one call ``model(*inputs)`` (or ``forward(*inputs)``, calling into ``model``),
     as :func:`counting_int8_ops` counts them.
@@ -270,15 +297,22 @@ def _known_residual_block_types() -> tuple[type, ...]:
 
 @dataclass(frozen=True)
 class CostTable:
-    """Per-sample FLOPs of a model split into fixed parts and skippable blocks (measured at batch 1).
+    """Per-sample cost of a model split into fixed parts and skippable blocks (measured at batch 1).
+
+    Float FLOPs and int8 operations are kept apart (the FLOP counter does not see int8 kernels, and an
+    int8 operation is not a float FLOP): an int8 network's blocks have ``block_flops`` 0 and their work in
+    ``block_int8``.
 
     Attributes:
         block_names: module paths of the skippable blocks, in execution order.
-        block_flops: FLOPs of each block when it runs, shape ``[N]``.
-        skip_flops: FLOPs each block still spends when skipped (its projection shortcut), ``[N]``.
-        fixed_flops: FLOPs outside blocks and gates (stem, head).
-        gate_flops: FLOPs of all decision modules (gates) for one sample; 0 for static models.
+        block_flops: float FLOPs of each block when it runs, shape ``[N]``.
+        skip_flops: float FLOPs each block still spends when skipped (its projection shortcut), ``[N]``.
+        fixed_flops: float FLOPs outside blocks and gates (stem, head).
+        gate_flops: float FLOPs of all decision modules (gates) for one sample; 0 for static models.
         input_shape: the per-sample input shape the table was measured at.
+        block_int8, skip_int8: int8 operations of each block when it runs / when skipped, ``[N]``
+            (None: a float network, all zero).
+        fixed_int8: int8 operations outside blocks and gates.
     """
 
     block_names: tuple[str, ...]
@@ -287,26 +321,51 @@ class CostTable:
     fixed_flops: float
     gate_flops: float = 0.0
     input_shape: tuple[int, ...] = field(default=())
+    block_int8: torch.Tensor | None = None
+    skip_int8: torch.Tensor | None = None
+    fixed_int8: float = 0.0
 
     @property
     def num_blocks(self) -> int:
         return len(self.block_names)
 
     @property
+    def has_int8(self) -> bool:
+        """Whether any part of the network runs int8 operations."""
+        return bool(self.fixed_int8) or any(t is not None and bool(t.any()) for t in (self.block_int8, self.skip_int8))
+
+    @property
     def full_flops(self) -> float:
-        """FLOPs per sample with every block executed (gates included)."""
+        """Float FLOPs per sample with every block executed (gates included)."""
         return self.fixed_flops + self.gate_flops + float(self.block_flops.sum())
 
+    @property
+    def full_int8(self) -> float:
+        """Int8 operations per sample with every block executed."""
+        return self.fixed_int8 + (float(self.block_int8.sum()) if self.block_int8 is not None else 0.0)
+
+    def _check(self, executed: torch.Tensor) -> torch.Tensor:
+        if executed.shape[-1] != self.num_blocks:
+            raise ValueError(f"executed has {executed.shape[-1]} columns, the table has {self.num_blocks} blocks")
+        return executed.to(torch.float64)
+
     def per_sample(self, executed: torch.Tensor) -> torch.Tensor:
-        """FLOPs per sample for block-execution indicators ``executed`` of shape ``[B, N]`` (0/1).
+        """Float FLOPs per sample for block-execution indicators ``executed`` of shape ``[B, N]`` (0/1).
 
         Returns a float64 tensor ``[B]``: fixed + gates + executed blocks + shortcuts of skipped ones.
         """
-        if executed.shape[-1] != self.num_blocks:
-            raise ValueError(f"executed has {executed.shape[-1]} columns, the table has {self.num_blocks} blocks")
-        e = executed.to(torch.float64)
+        e = self._check(executed)
         full, skip = self.block_flops.to(e.device), self.skip_flops.to(e.device)
         return self.fixed_flops + self.gate_flops + e @ full + (1.0 - e) @ skip
+
+    def per_sample_int8(self, executed: torch.Tensor) -> torch.Tensor:
+        """Int8 operations per sample for ``executed [B, N]``, as :meth:`per_sample` counts FLOPs."""
+        e = self._check(executed)
+        if self.block_int8 is None:
+            return torch.full((e.shape[0],), self.fixed_int8, dtype=torch.float64, device=e.device)
+        full = self.block_int8.to(e.device)
+        skip = self.skip_int8.to(e.device) if self.skip_int8 is not None else torch.zeros_like(full)
+        return self.fixed_int8 + e @ full + (1.0 - e) @ skip
 
     def computation_percentage(self, executed: torch.Tensor) -> torch.Tensor:
         """SkipNet's "computation percentage", per sample: the share of blocks executed, in percent.
@@ -314,26 +373,32 @@ class CostTable:
         With block 0 always executed this is SkipNet's ``(sum_gates exec_rate + 1) / (num_gates + 1)``.
         It weights blocks equally and ignores gates: kept to compare with the paper, not as a cost.
         """
-        if executed.shape[-1] != self.num_blocks:
-            raise ValueError(f"executed has {executed.shape[-1]} columns, the table has {self.num_blocks} blocks")
-        return 100.0 * executed.to(torch.float64).mean(-1)
+        return 100.0 * self._check(executed).mean(-1)
+
+    def _int8_of(self, k: int) -> tuple[float, float]:
+        if self.block_int8 is None:
+            return 0.0, 0.0
+        return float(self.block_int8[k]), float(self.skip_int8[k]) if self.skip_int8 is not None else 0.0
 
     def rows(self) -> list[dict[str, Any]]:
-        """One row per block plus the fixed and gate parts, for tables and JSON."""
-        total = self.full_flops
+        """One row per block plus the fixed and gate parts, for tables and JSON (``share_pct`` of all
+        operations, float and int8 together)."""
         rows = [{"unit": "(fixed: stem, head)", "flops": self.fixed_flops, "skipped_flops": self.fixed_flops}]
+        if self.has_int8:
+            rows[0].update(int8_ops=self.fixed_int8, skipped_int8_ops=self.fixed_int8)
         if self.gate_flops:
             rows.append({"unit": "(gates)", "flops": self.gate_flops, "skipped_flops": self.gate_flops})
-        rows += [
-            {"unit": n, "flops": float(f), "skipped_flops": float(s)}
-            for n, f, s in zip(self.block_names, self.block_flops.tolist(), self.skip_flops.tolist())
-        ]
+        for k, (n, f, s) in enumerate(zip(self.block_names, self.block_flops.tolist(), self.skip_flops.tolist())):
+            rows.append({"unit": n, "flops": float(f), "skipped_flops": float(s)})
+            if self.has_int8:
+                rows[-1]["int8_ops"], rows[-1]["skipped_int8_ops"] = self._int8_of(k)
+        total = self.full_flops + self.full_int8
         for r in rows:
-            r["share_pct"] = 100.0 * r["flops"] / total if total else 0.0
+            r["share_pct"] = 100.0 * (r["flops"] + r.get("int8_ops", 0.0)) / total if total else 0.0
         return rows
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "input_shape": list(self.input_shape),
             "full_flops": self.full_flops,
             "fixed_flops": self.fixed_flops,
@@ -343,6 +408,11 @@ class CostTable:
                 for n, f, s in zip(self.block_names, self.block_flops.tolist(), self.skip_flops.tolist())
             ],
         }
+        if self.has_int8:
+            out.update(full_int8_ops=self.full_int8, fixed_int8_ops=self.fixed_int8)
+            for k, b in enumerate(out["blocks"]):
+                b["int8_ops"], b["skipped_int8_ops"] = self._int8_of(k)
+        return out
 
 
 def build_cost_table(
@@ -363,27 +433,45 @@ def build_cost_table(
     """
     x = example_input[:1]
     blocks = list(blocks) if blocks is not None else block_modules(model)
+    inputs: dict[str, tuple] = {}
+    handles = [m.register_forward_pre_hook(lambda _m, args, n=n: inputs.setdefault(n, args)) for n, m in blocks]
     was_training = model.training
     model.eval()
     try:
-        per_module = _flops_by_module_call(model, forward or model, x)
+        with counting_int8_ops_by_module(model) as int8:
+            per_module = _flops_by_module_call(model, forward or model, x)
+        # What a skipped block still runs: its projection shortcut (torchvision/timm name it downsample),
+        # counted on the input the block received. (Inside a running block it may not run at all: an int8
+        # block computes its shortcut within its fused body and keeps the separate one for when skipped.)
+        shortcuts = [_shortcut_cost(m, inputs.get(n)) for n, m in blocks]
     finally:
         model.train(was_training)
-    total = per_module[""]
+        for h in handles:
+            h.remove()
     names = tuple(n for n, _ in blocks)
-    block_flops = torch.tensor([float(per_module.get(n, 0)) for n in names], dtype=torch.float64)
-    skip = []
-    paths = {id(mod): name for name, mod in model.named_modules()}
-    for n, m in blocks:
-        # What a skipped block still runs: its projection shortcut (torchvision/timm name it downsample),
-        # found by identity: a wrapped block (a compiled one) keeps it one level deeper.
-        ds = getattr(m, "downsample", None)
-        skip.append(float(per_module.get(paths.get(id(ds), f"{n}.downsample"), 0)) if isinstance(ds, nn.Module)
-                    else 0.0)
-    gate_flops = float(sum(per_module.get(g, 0) for g in gates))
-    fixed = float(total) - float(block_flops.sum()) - gate_flops
-    return CostTable(names, block_flops, torch.tensor(skip, dtype=torch.float64), fixed, gate_flops,
-                     tuple(x.shape[1:]))
+
+    def split(count: dict[str, int]) -> tuple[torch.Tensor, float, float]:
+        full = torch.tensor([float(count.get(n, 0)) for n in names], dtype=torch.float64)
+        gate = float(sum(count.get(g, 0) for g in gates))
+        return full, gate, float(count.get("", 0)) - float(full.sum()) - gate
+
+    block_flops, gate_flops, fixed = split(per_module)
+    skip_flops = torch.tensor([f for f, _ in shortcuts], dtype=torch.float64)
+    table = CostTable(names, block_flops, skip_flops, fixed, gate_flops, tuple(x.shape[1:]))
+    skip_int8 = torch.tensor([q for _, q in shortcuts], dtype=torch.float64)
+    if not int8 and not skip_int8.any():
+        return table
+    block_int8, gate_int8, fixed_int8 = split(int8)
+    # a quantized gate would be int8 work outside the blocks: it is counted with the fixed part
+    return replace(table, block_int8=block_int8, skip_int8=skip_int8, fixed_int8=fixed_int8 + gate_int8)
+
+
+def _shortcut_cost(block: nn.Module, args: tuple | None) -> tuple[float, float]:
+    """(float FLOPs, int8 operations) of ``block``'s projection shortcut on ``args``; (0, 0) for none."""
+    ds = getattr(block, "downsample", None)
+    if not isinstance(ds, nn.Module) or args is None:
+        return 0.0, 0.0
+    return float(count_flops(ds, *args)), float(int8_ops(ds, *args)) if is_quantized(ds) else 0.0
 
 
 def _flops_by_module_call(model: nn.Module, forward: Callable[..., Any], x: torch.Tensor) -> dict[str, int]:
@@ -516,19 +604,31 @@ class StageCosts:
 
     A sample that exits at stage ``e`` pays ``stage[0] + ... + stage[e]``; over a population,
     ``E[cost] = sum_k stage[k] * P(reach k)``. The unit is the caller's (FLOPs, or ms per image).
+    ``int8`` holds each stage's int8 operations where a stage is quantized (empty: none is), since the
+    FLOP counter does not see them.
     """
 
     names: tuple[str, ...]
     stage: tuple[float, ...]
+    int8: tuple[float, ...] = ()
 
     @property
     def cumulative(self) -> torch.Tensor:
         """Cost of exiting at each stage, ``[K]`` float64."""
         return torch.tensor(self.stage, dtype=torch.float64).cumsum(0)
 
+    @property
+    def has_int8(self) -> bool:
+        return any(self.int8)
+
     def per_sample(self, exit_stage: torch.Tensor) -> torch.Tensor:
         """Cost per sample (float64 ``[B]``) for the stage index each sample exited at."""
         return self.cumulative.to(exit_stage.device)[exit_stage.long()]
+
+    def per_sample_int8(self, exit_stage: torch.Tensor) -> torch.Tensor:
+        """Int8 operations per sample (float64 ``[B]``) for the stage each sample exited at."""
+        int8 = torch.tensor(self.int8 or (0.0,) * len(self.stage), dtype=torch.float64).cumsum(0)
+        return int8.to(exit_stage.device)[exit_stage.long()]
 
     def expected(self, reach: "Sequence[float] | torch.Tensor") -> float:
         """``sum_k stage[k] * P(reach k)`` for per-stage reach probabilities."""
@@ -536,12 +636,19 @@ class StageCosts:
         return float((torch.tensor(self.stage, dtype=torch.float64) * reach).sum())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"names": list(self.names), "stage": list(self.stage), "cumulative": self.cumulative.tolist()}
+        out = {"names": list(self.names), "stage": list(self.stage), "cumulative": self.cumulative.tolist()}
+        if self.has_int8:
+            out["int8_ops"] = list(self.int8)
+        return out
 
 
 def stage_flops(stages: Sequence[Callable[[torch.Tensor], Any]], example_input: torch.Tensor,
-                names: Sequence[str] | None = None) -> StageCosts:
-    """Exact FLOPs per sample of each stage (a callable run on one sample, its IDK decision included)."""
+                names: Sequence[str] | None = None, model: nn.Module | None = None) -> StageCosts:
+    """Exact FLOPs per sample of each stage (a callable run on one sample, its IDK decision included),
+    and, where ``model`` (the module the stages run) holds int8 layers, each stage's int8 operations."""
     x = example_input[:1]
     flops = tuple(float(count_flops(s, x)) for s in stages)
-    return StageCosts(tuple(names or (f"stage{k}" for k in range(len(stages)))), flops)
+    names = tuple(names or (f"stage{k}" for k in range(len(stages))))
+    if model is None or not is_quantized(model):
+        return StageCosts(names, flops)
+    return StageCosts(names, flops, tuple(float(int8_ops(model, x, forward=s)) for s in stages))

@@ -61,8 +61,9 @@ class SkipNetAdapter(_SkipNetBase):
         threshold = self.point(point).settings.get("threshold")
         out = self.net(x, mode="greedy", execution="skip", threshold=threshold)
         executed = out.executed.cpu()
-        return StageResult(torch.ones(len(x), dtype=torch.bool), out.logits,
-                           self.cost_table(x).per_sample(executed), executed)
+        table = self.cost_table(x)
+        return StageResult(torch.ones(len(x), dtype=torch.bool), out.logits, table.per_sample(executed), executed,
+                           None, table.per_sample_int8(executed) if table.has_int8 else None)
 
 
 class RandomSkipAdapter(_SkipNetBase):
@@ -101,5 +102,5 @@ class RandomSkipAdapter(_SkipNetBase):
         out = self.net(x, mode="greedy", execution="skip", actions=actions.to(x.device), run_gates=False)
         table = self.cost_table(x)
         executed = out.executed.cpu()
-        return StageResult(torch.ones(len(x), dtype=torch.bool), out.logits,
-                           table.per_sample(executed) - table.gate_flops, executed)
+        return StageResult(torch.ones(len(x), dtype=torch.bool), out.logits, table.per_sample(executed) - table.gate_flops,
+                           executed, None, table.per_sample_int8(executed) if table.has_int8 else None)

@@ -199,3 +199,68 @@ def test_model_cost_counts_int8_work_apart_from_float_flops():
     on, off = torch.ones(1, skip.num_blocks), torch.zeros(1, skip.num_blocks)
     ops_on, ops_off = (int8_ops(qskip, x, forward=lambda inp, a=a: qskip(inp, actions=a)) for a in (on, off))
     assert 0 < ops_off < ops_on  # a skipped block's int8 work is not counted (its int8 shortcut is)
+
+
+def test_cost_table_prices_an_int8_skipnet_per_input_as_its_int8_layers_count():
+    """An int8 SkipNet's table holds each block's int8 operations (run and skipped) apart from float FLOPs,
+    so the per-input int8 cost of any decisions is what the int8 layers count when those decisions run;
+    the adapters carry it per row, through a cascade's compaction too."""
+    from cascades import CascadeAdapter
+    from cascades.model import IDKCascade
+    from gating.adapters import StaticAdapter, price_points, triage_levels
+    from gating.idk import MaxProbIDK
+    from gating.cost import counting_int8_ops, int8_ops
+    from models import create_model
+    from models.quantize import quantize_int8
+    from skipnet import SkipNetAdapter
+
+    torch.manual_seed(0)
+    skip = create_model("skipnet20_cifar", num_classes=10, in_chans=1).eval()
+    float_table = skip.cost_table(torch.randn(1, 1, 28, 28))
+    assert not float_table.has_int8 and float_table.block_int8 is None and "int8_ops" not in float_table.to_dict()
+    qskip = quantize_int8(skip, [torch.randn(8, 1, 28, 28)])
+    x = torch.randn(6, 1, 28, 28)
+    table = qskip.cost_table(x[:1])
+    assert table.has_int8 and float(table.block_flops.sum()) == 0  # the blocks' work is int8 work only
+    # The same convolutions, now int8; a skipped downsampling block still runs its int8 projection shortcut.
+    assert table.full_int8 == float(float_table.block_flops.sum())
+    assert torch.equal(table.skip_int8, float_table.skip_flops) and (table.skip_int8 > 0).sum() >= 2
+    assert float(table.skip_flops.sum()) == 0
+    actions = (torch.rand(6, qskip.num_blocks, generator=torch.Generator().manual_seed(1)) < 0.5).float()
+    actions[:, 0] = 1
+    for i in range(6):
+        ran = int8_ops(qskip, x[i:i + 1], forward=lambda inp, a=actions[i:i + 1]: qskip(inp, actions=a))
+        assert float(table.per_sample_int8(actions[i:i + 1])) == ran
+    rows = {r["unit"]: r for r in table.rows()}
+    assert sum(r["share_pct"] for r in rows.values()) == pytest.approx(100.0)
+
+    adapter = SkipNetAdapter(qskip, name="q")
+    adapter.cost_table(x)  # measured before counting: the batch below is all the hooks see
+    with counting_int8_ops(qskip) as hooks:
+        out = adapter.run(x)
+    assert out.int8_ops is not None and float(out.int8_ops.sum()) == hooks[0]
+    assert float(out.flops.max()) == table.fixed_flops + table.gate_flops  # float work: stem, gates, head
+    # Its operating points differ in int8 work only: priced and ordered as triage levels by all operations.
+    qskip.threshold = 0.01  # untrained gates: every block runs at 0.01, none past block 0 at 0.99
+    points = price_points(SkipNetAdapter(qskip, thresholds=[0.99], name="q"), x, torch.zeros(6, dtype=torch.long))
+    assert len({p.val_gflops_per_img for p in points}) == 1 and len({p.val_int8_gops_per_img for p in points}) == 2
+    assert [p.settings["threshold"] for p in triage_levels(points)] == [0.01, 0.99]
+
+    tiny = create_model("tiny_cnn", num_classes=10, in_chans=1, width=8).eval()
+    qtiny = quantize_int8(tiny, [torch.randn(8, 1, 28, 28)])
+    assert StaticAdapter(tiny).run(x).int8_ops is None
+    static = StaticAdapter(qtiny).run(x)
+    assert torch.equal(static.int8_ops, torch.full((6,), float(int8_ops(qtiny, x[:1])), dtype=torch.float64))
+    second = quantize_int8(create_model("tiny_cnn", num_classes=10, in_chans=1, width=16).eval(),
+                           [torch.randn(8, 1, 28, 28)])
+    with torch.no_grad():
+        middle = float(qtiny(x).softmax(-1).amax(-1).median())  # half the rows under it defer
+    cascade = IDKCascade([qtiny, second], [MaxProbIDK()], thresholds=[middle + 1e-6])
+    cadapter = CascadeAdapter(cascade, name="c")
+    cadapter.stage_costs(x)
+    with counting_int8_ops(cascade) as hooks:
+        out = cadapter.run(x)
+    assert 0 < (out.exit_stage == 1).sum() < 6  # some rows deferred, some not: compaction counts per row
+    assert float(out.int8_ops.sum()) == hooks[0]
+    costs = cadapter.stage_costs(x)
+    assert torch.equal(out.int8_ops, costs.per_sample_int8(out.exit_stage))

@@ -181,8 +181,22 @@ def test_evaluation_takes_int8_models_and_names_the_latency_frontier(digits_runs
     assert front["batch1"][0] == fastest["method"]  # fastest first; the fastest is never dominated
     best = max(points.values(), key=lambda p: (p["acc"], -p["batch1_ms_p50"]))
     assert front["batch1"][-1] == best["method"]
+    # Per input too: each record's int8 operations (its own blocks and stages), so the bucket table and the
+    # adaptivity metrics count an int8 model's skipped work, which is int8 work.
+    with (tmp_path / "records.csv").open() as fh:
+        records = list(csv.DictReader(fh))
+    for name in ("resnet20", "skipnet20", "cascade_3stage"):
+        int8 = [float(r["int8_ops"]) for r in records if r["method"] == f"{name}_int8"]
+        assert sum(int8) / len(int8) / 1e9 == pytest.approx(points[f"{name}_int8"]["int8_gops_per_img"], rel=1e-9)
+        assert all(float(r["int8_ops"]) == 0 for r in records if r["method"] == name)
+    with (tmp_path / "buckets.csv").open() as fh:
+        buckets = list(csv.DictReader(fh))
+    assert all((r["int8_gops_mean"] != "") == r["method"].endswith("_int8") for r in buckets)
+    adaptivity = record["adaptivity"]
+    assert "gops_mean" in adaptivity["skipnet20_int8"] and "gflops_mean" in adaptivity["skipnet20"]
     report = (tmp_path / "report.md").read_text()
     assert "Latency frontier (median latency at batch 1" in report and "int8_gops_per_img" in report
+    assert "skipnet20_int8: mean G operations (float + int8) per image" in report
     with (tmp_path / "pareto.csv").open() as fh:
         rows = {r["method"]: r for r in csv.DictReader(fh) if r["point"] == "default"}
     assert {m for m, r in rows.items() if r["frontier_batch1"] == "True"} == set(front["batch1"])

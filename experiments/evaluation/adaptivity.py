@@ -5,7 +5,8 @@ the trend (a ladder's "unsolved" bucket is set aside):
 
 - ``distinct_patterns``: how many different skip patterns (or exit stages) the inputs took; 1 is a
   static network in disguise;
-- ``gflops_mean`` / ``gflops_p95`` per bucket, ``hardest_over_easiest`` (mean cost of the hardest
+- ``gflops_mean`` / ``gflops_p95`` per bucket (``gops_mean`` / ``gops_p95``, float FLOPs and int8
+  operations together, for a model with int8 layers), ``hardest_over_easiest`` (mean cost of the hardest
   bucket over the easiest) and ``shape`` (rises / flat / falls / mixed, strictly: see
   :func:`experiments.evaluation.report.trend_shape`);
 - ``spearman_rho``: Spearman's rank correlation between each input's cost and its difficulty bucket
@@ -66,7 +67,10 @@ def _exec_rates(patterns: list[str], bucket: np.ndarray, n_buckets: int) -> list
 
 def _one(recs: list[dict[str, Any]], buckets: Buckets, keep: list[int]) -> dict[str, Any]:
     b = buckets.bucket[[r["index"] for r in recs]]
-    cost = np.array([r["flops"] for r in recs], dtype=np.float64) / 1e9
+    # an int8 network's skipped work is int8 work: its cost is all its operations, float and int8
+    int8 = np.array([r.get("int8_ops") or 0.0 for r in recs], dtype=np.float64)
+    unit = "gops" if int8.any() else "gflops"
+    cost = (np.array([r["flops"] for r in recs], dtype=np.float64) + int8) / 1e9
     correct = np.array([r["correct"] for r in recs], dtype=np.float64)
     in_trend = np.isin(b, keep)
     means = [float(cost[b == k].mean()) for k in keep if (b == k).any()]
@@ -74,8 +78,8 @@ def _one(recs: list[dict[str, Any]], buckets: Buckets, keep: list[int]) -> dict[
     return {
         "distinct_patterns": len(set(patterns)) if any(patterns) else None,
         "buckets": [buckets.labels[k] for k in keep if (b == k).any()],
-        "gflops_mean": means,
-        "gflops_p95": [float(np.percentile(cost[b == k], 95)) for k in keep if (b == k).any()],
+        f"{unit}_mean": means,
+        f"{unit}_p95": [float(np.percentile(cost[b == k], 95)) for k in keep if (b == k).any()],
         "acc": [float(correct[b == k].mean()) for k in keep if (b == k).any()],
         "hardest_over_easiest": means[-1] / means[0] if means and means[0] > 0 else None,
         "shape": trend_shape(means),

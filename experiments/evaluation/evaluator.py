@@ -20,10 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from gating.adapters import BatchResult, ModelAdapter, Point
-from gating.cost import counting_int8_ops, is_quantized, measure_latency
+from gating.cost import is_quantized, measure_latency
 from gating.errors import UserError
 from skipnet import RandomSkipAdapter
 
@@ -50,7 +49,7 @@ def run_all(model: ModelAdapter, x: torch.Tensor, batch_size: int, point: Point 
     def cat(name: str) -> torch.Tensor | None:
         return torch.cat([getattr(p, name).cpu() for p in parts]) if getattr(parts[0], name) is not None else None
 
-    return BatchResult(cat("logits"), cat("flops"), cat("exit_stage"), cat("executed"))
+    return BatchResult(cat("logits"), cat("flops"), cat("exit_stage"), cat("executed"), cat("int8_ops"))
 
 
 def _batch_ms_per_input(model: ModelAdapter, x: torch.Tensor, batch_size: int, device: torch.device,
@@ -93,6 +92,9 @@ def _point_row(model: ModelAdapter, point: Point, out: BatchResult, labels: torc
         "gflops_per_img": float(out.flops.mean()) / 1e9,
         "gflops_p95": float(torch.quantile(out.flops, 0.95)) / 1e9,
     }
+    if out.int8_ops is not None:  # int8 operations are not float FLOPs: counted apart, per input
+        row["int8_gops_per_img"] = float(out.int8_ops.mean()) / 1e9
+        row["int8_gops_p95"] = float(torch.quantile(out.int8_ops, 0.95)) / 1e9
     if out.executed is not None:
         row["blocks_per_img"] = float(out.executed.sum(1).mean())
     if out.exit_stage is not None:
@@ -108,6 +110,7 @@ def _input_records(model: ModelAdapter, out: BatchResult, labels: torch.Tensor, 
         "method": model.name, "kind": model.kind, "index": i, "label": int(labels[i]),
         "pred": int(probs[i].argmax()), "correct": int(correct[i]),
         "confidence": float(probs[i].max()), "flops": float(out.flops[i]),
+        "int8_ops": float(out.int8_ops[i]) if out.int8_ops is not None else 0.0,
         "exit_stage": int(out.exit_stage[i]) if out.exit_stage is not None else -1,
         "blocks": float(out.executed[i].sum()) if out.executed is not None else math.nan,
         "pattern": "".join("1" if v else "0" for v in out.executed[i].tolist()) if out.executed is not None else "",
@@ -117,13 +120,8 @@ def _input_records(model: ModelAdapter, out: BatchResult, labels: torch.Tensor, 
 
 def _evaluate_point(model: ModelAdapter, point: Point, x: torch.Tensor, labels: torch.Tensor, device: torch.device,
                     batch_size: int, latency: Any, res: EvaluationResult) -> None:
-    # int8 work is not float FLOPs (the FLOP counter does not see it): counted apart, exactly, in the same
-    # pass (hooks on the int8 layers that run, so compaction counts as it runs).
-    with counting_int8_ops(nn.ModuleList(model.modules())) as int8:
-        out = run_all(model, x, batch_size, point)
+    out = run_all(model, x, batch_size, point)
     row = _point_row(model, point, out, labels)
-    if any(is_quantized(m) for m in model.modules()):
-        row["int8_gops_per_img"] = int8[0] / len(x) / 1e9
     per_batch: list[float] = []
     if latency.enabled:
         row["batch_ms_per_img"], per_batch = _batch_ms_per_input(model, x, batch_size, device, latency.batch_repeats,

@@ -19,7 +19,8 @@ from gating.thresholds import pareto_front
 __all__ = ["BUCKET_COLUMNS", "PARETO_COLUMNS", "bucket_table", "cost_trend", "latency_frontiers", "pareto_table",
            "plot_all", "print_report", "render_report", "trend_statements"]
 
-BUCKET_COLUMNS = ["method", "bucket", "count", "acc", "gflops_mean", "gflops_p95", "blocks_mean", "exit_shares",
+BUCKET_COLUMNS = ["method", "bucket", "count", "acc", "gflops_mean", "gflops_p95", "int8_gops_mean", "int8_gops_p95",
+                  "blocks_mean", "exit_shares",
                   "batch1_ms_p50", "batch1_ms_p95", "batch_share_ms_mean"]
 PARETO_COLUMNS = ["method", "point", "acc", "acc_delta_pts", "gflops_per_img", "int8_gops_per_img", "flops_cut_pct",
                   "ops_cut_pct", "batch_ms_per_img", "speedup", "batch1_ms_p50", "blocks_per_img", "exit_shares",
@@ -33,7 +34,8 @@ def _pct(v: np.ndarray, q: float) -> float:
 
 def bucket_table(records: Sequence[dict[str, Any]], buckets: Buckets,
                  num_stages: dict[str, int] | None = None) -> list[dict[str, Any]]:
-    """One row per (method, bucket): count, accuracy, mean/p95 GFLOPs, blocks or exit shares, latency.
+    """One row per (method, bucket): count, accuracy, mean/p95 GFLOPs (and int8 GOPs for a model with
+    int8 layers), blocks or exit shares, latency.
 
     ``num_stages`` gives a cascade's stage count, so every row lists a share for every stage.
     """
@@ -43,6 +45,7 @@ def bucket_table(records: Sequence[dict[str, Any]], buckets: Buckets,
         recs = [r for r in records if r["method"] == m]
         b = buckets.bucket[[r["index"] for r in recs]]
         flops = np.array([r["flops"] for r in recs]) / 1e9
+        int8 = np.array([r.get("int8_ops") or 0.0 for r in recs], dtype=float) / 1e9
         correct = np.array([r["correct"] for r in recs])
         blocks = np.array([r["blocks"] for r in recs], dtype=float)
         exits = np.array([r["exit_stage"] for r in recs])
@@ -56,6 +59,8 @@ def bucket_table(records: Sequence[dict[str, Any]], buckets: Buckets,
                 "method": m, "bucket": label, "count": int(sel.sum()), "acc": float(correct[sel].mean()),
                 "gflops_mean": float(flops[sel].mean()), "gflops_p95": _pct(flops[sel], 95),
             }
+            if int8.any():
+                row["int8_gops_mean"], row["int8_gops_p95"] = float(int8[sel].mean()), _pct(int8[sel], 95)
             if not np.isnan(blocks).all():
                 row["blocks_mean"] = float(blocks[sel].mean())
             if (exits >= 0).any():
@@ -87,8 +92,10 @@ def trend_shape(values: Sequence[float], rel_tol: float = 1e-6) -> str:
 
 def cost_trend(table: Sequence[dict[str, Any]], kinds: dict[str, str],
                set_aside: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
-    """Per dynamic method: mean GFLOPs per bucket, easy to hard, and whether it never falls.
+    """Per dynamic method: mean cost per bucket, easy to hard, and whether it rises strictly.
 
+    The cost is GFLOPs (``gflops_by_bucket``); for a model with int8 layers it is all its operations,
+    float FLOPs and int8 operations together (``gops_by_bucket``), since its skipped work is int8 work.
     Buckets named in ``set_aside`` (the ladder's "unsolved": no model is right, so no amount of
     computation is the right amount) are reported but not part of the trend.
     """
@@ -97,11 +104,16 @@ def cost_trend(table: Sequence[dict[str, Any]], kinds: dict[str, str],
         if kind in ("static",):
             continue
         rows = [r for r in table if r["method"] == m]
-        costs = [r["gflops_mean"] for r in rows if r["bucket"] not in set_aside]
+        unit = "gops" if any(r.get("int8_gops_mean") for r in rows) else "gflops"
+
+        def cost(r: dict[str, Any]) -> float:
+            return r["gflops_mean"] + (r.get("int8_gops_mean") or 0.0)
+
+        costs = [cost(r) for r in rows if r["bucket"] not in set_aside]
         shape = trend_shape(costs)
-        out[m] = {"kind": kind, "gflops_by_bucket": costs, "shape": shape, "monotone_rising": shape == "rises",
+        out[m] = {"kind": kind, f"{unit}_by_bucket": costs, "shape": shape, "monotone_rising": shape == "rises",
                   "hardest_over_easiest": costs[-1] / costs[0] if costs and costs[0] > 0 else math.nan,
-                  "set_aside": {r["bucket"]: {"gflops_mean": r["gflops_mean"], "count": r["count"]}
+                  "set_aside": {r["bucket"]: {f"{unit}_mean": cost(r), "count": r["count"]}
                                 for r in rows if r["bucket"] in set_aside}}
     return out
 
@@ -195,13 +207,14 @@ def plot_all(points: Sequence[dict[str, Any]], table: Sequence[dict[str, Any]], 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     width = 0.8 / max(len(methods), 1)
     for j, m in enumerate(methods):
-        rows = {r["bucket"]: r["gflops_mean"] for r in table if r["method"] == m}
+        rows = {r["bucket"]: r["gflops_mean"] + (r.get("int8_gops_mean") or 0.0) for r in table if r["method"] == m}
         xs = [k + j * width for k, lab in enumerate(buckets.labels) if lab in rows]
         ax.bar(xs, [rows[lab] for lab in buckets.labels if lab in rows], width, label=m)
     ax.set_xticks([k + 0.4 - width / 2 for k in range(len(buckets.labels))])
     ax.set_xticklabels(buckets.labels, fontsize=8)
     ax.set_yscale("log")
-    ax.set_ylabel("mean GFLOPs per image")
+    int8 = any(r.get("int8_gops_mean") for r in table)
+    ax.set_ylabel("mean G operations per image (float FLOPs + int8 ops)" if int8 else "mean GFLOPs per image")
     ax.set_xlabel(f"difficulty bucket ({buckets.definition})", fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -257,13 +270,16 @@ def trend_statements(trend: dict[str, dict[str, Any]]) -> list[str]:
     is said to be so)."""
     verbs = {"rises": "rises strictly", "flat": "is FLAT", "falls": "FALLS",
              "mixed": "does NOT rise strictly"}
-    return [
-        f"{m}: mean GFLOPs per image {verbs[t.get('shape', 'mixed')]} from the easiest to the hardest bucket "
-        f"({' -> '.join(f'{c:.4g}' for c in t['gflops_by_bucket'])}; hardest/easiest "
-        f"{t['hardest_over_easiest']:.2f}x)"
-        + "".join(f"; set aside, {b} ({v['count']} inputs no model gets right): {v['gflops_mean']:.4g}"
-                  for b, v in t["set_aside"].items())
-        for m, t in trend.items()]
+    def one(m: str, t: dict[str, Any]) -> str:
+        unit = "gops" if "gops_by_bucket" in t else "gflops"
+        what = "G operations (float + int8)" if unit == "gops" else "GFLOPs"
+        return (f"{m}: mean {what} per image {verbs[t.get('shape', 'mixed')]} from the easiest to the hardest "
+                f"bucket ({' -> '.join(f'{c:.4g}' for c in t[f'{unit}_by_bucket'])}; hardest/easiest "
+                f"{t['hardest_over_easiest']:.2f}x)"
+                + "".join(f"; set aside, {b} ({v['count']} inputs no model gets right): {v[f'{unit}_mean']:.4g}"
+                          for b, v in t["set_aside"].items()))
+
+    return [one(m, t) for m, t in trend.items()]
 
 
 def _columns(rows: Sequence[dict[str, Any]], wanted: Sequence[str]) -> list[str]:

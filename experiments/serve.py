@@ -60,8 +60,8 @@ def load_models(cfg: DictConfig, device: torch.device) -> list[ModelAdapter]:
         if val is not None:
             price_points(m, *val)
             for i, p in enumerate(m.triage_levels()):
-                log.info("%s triage level %d (%s): val acc %.4f, %.5f GFLOPs/img", m.name, i, p.label, p.val_acc,
-                         p.val_gflops_per_img)
+                log.info("%s triage level %d (%s): val acc %.4f, %.5f GFLOPs/img, %s int8 GOPs/img", m.name, i,
+                         p.label, p.val_acc, p.val_gflops_per_img, p.val_int8_gops_per_img or 0)
     return models
 
 

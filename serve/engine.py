@@ -144,6 +144,7 @@ class Answer:
     queue_ms: float = 0.0            # waiting in stage queues
     compute_ms: float = 0.0          # running the model on the batches it was in (device thread)
     triage_level: int = 0            # the highest triage level of the stages it ran through
+    int8_ops: float = 0.0            # int8 operations (not in flops: an int8 model's work)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -160,6 +161,7 @@ class _Row:
     stage: int = 0
     enqueued: float = 0.0
     flops: float = 0.0
+    int8_ops: float = 0.0
     queue_s: float = 0.0
     compute_s: float = 0.0
     degraded: bool = False
@@ -202,7 +204,7 @@ class ServingEngine:
         self._ms_per_row = 1.0  # the recent batch pace, for Retry-After hints
         self._stream = None  # the engine's CUDA stream, made on the device thread at the first batch
         self._triage = TriageController(self.triage, len(self.levels), self.batching.slo_ms, time.monotonic(),
-                                        [p.val_gflops_per_img for p in self.levels], self.batching.max_batch_size)
+                                        [p.val_gops_per_img for p in self.levels], self.batching.max_batch_size)
         # The front end's own delay (seconds), which queue waits cannot see: set by the app to its
         # event-loop lag (serve.frontend.LoopLagMonitor); auto triage treats it as waiting.
         self.front_lag_s: Callable[[], float] = lambda: 0.0
@@ -409,6 +411,7 @@ class ServingEngine:
         now = time.monotonic()
         for i, r in enumerate(rows):
             r.flops += float(out.flops[i])
+            r.int8_ops += float(out.int8_ops[i]) if out.int8_ops is not None else 0.0
             r.compute_s += out.compute_s
             r.degraded = r.degraded or level > 0
             r.level = max(r.level, level)
@@ -417,7 +420,8 @@ class ServingEngine:
             if out.done[i]:
                 blocks = float(out.blocks[i]) if out.blocks is not None else None
                 self._answer(r, Answer("ok", out.label[i], out.confidence[i], stage, blocks, r.flops, r.degraded,
-                                       (now - r.arrival) * 1e3, r.queue_s * 1e3, r.compute_s * 1e3, r.level),
+                                       (now - r.arrival) * 1e3, r.queue_s * 1e3, r.compute_s * 1e3, r.level,
+                                       r.int8_ops),
                              stage)
             else:
                 r.x = out.next_x[i] if out.next_x is not None else r.x
@@ -452,7 +456,8 @@ class ServingEngine:
                               f"rows at stage {stage}")
         done, confidence, labels = host[0].bool().tolist(), host[1].tolist(), host[2].long().tolist()
         blocks = host[4].tolist() if res.executed is not None else None
-        out = _BatchOut(done, res.flops.cpu().tolist(), confidence, labels, blocks, res.next_x)
+        out = _BatchOut(done, res.flops.cpu().tolist(), confidence, labels, blocks, res.next_x,
+                        res.int8_ops.cpu().tolist() if res.int8_ops is not None else None)
         out.compute_s = out_s
         return out
 
@@ -474,6 +479,8 @@ class ServingEngine:
         m.latency.observe(answer.latency_ms / 1e3)
         m.slo["yes" if answer.latency_ms <= self.batching.slo_ms else "no"].inc()
         m.flops.inc(answer.flops)
+        if answer.int8_ops:
+            m.int8_ops.inc(answer.int8_ops)
         if answer.blocks_executed is not None:
             m.blocks.observe(answer.blocks_executed)
         if answer.degraded:
@@ -531,6 +538,7 @@ class _BatchOut:
     label: list[int]
     blocks: list[float] | None
     next_x: torch.Tensor | None
+    int8_ops: list[float] | None = None
     compute_s: float = 0.0
 
 

@@ -34,6 +34,7 @@ class EngineMetrics:
     shed: Counter
     cancelled: Counter
     triage_changes: Counter
+    int8_ops: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> EngineMetrics:
@@ -67,6 +68,8 @@ class EngineMetrics:
                     ["model"], registry=r),
             Counter("serve_triage_changes_total", "Triage level changes (direction up or down; reasons at "
                     "GET /v2/settings)", ["model", "direction"], registry=r),
+            Counter("serve_int8_ops_total", "Int8 operations spent on answered inputs (not in serve_flops_total)",
+                    ["model"], registry=r),
         )
 
     def bind(self, model: str, num_stages: int) -> ModelMetrics:
@@ -84,7 +87,8 @@ class EngineMetrics:
             {s: self.requests.labels(model, s) for s in ("ok", "deadline_exceeded", "error")},
             {m: self.slo.labels(model, m) for m in ("yes", "no")}, self.triage_level.labels(model),
             self.degraded.labels(model), self.rejected.labels(model), self.flops.labels(model),
-            self.cancelled.labels(model), {d: self.triage_changes.labels(model, d) for d in ("up", "down")})
+            self.cancelled.labels(model), {d: self.triage_changes.labels(model, d) for d in ("up", "down")},
+            self.int8_ops.labels(model))
 
 
 @dataclass
@@ -106,3 +110,4 @@ class ModelMetrics:
     flops: Any
     cancelled: Any
     triage_changes: dict[str, Any]
+    int8_ops: Any

@@ -17,7 +17,8 @@ Inputs (one tensor per request):
 
 Outputs, one row per input (all when the request names none): ``label`` INT64, ``confidence`` FP32,
 ``exit_stage`` INT32 (the cascade stage that answered), ``blocks_executed`` FP32 (SkipNet models
-only), ``gflops`` FP64 (the row's exact cost), ``triage_level`` INT32 (0 = as calibrated).
+only), ``gflops`` FP64 (the row's exact float cost), ``int8_gops`` FP64 (its int8 operations, 0 for a float
+model), ``triage_level`` INT32 (0 = as calibrated).
 Request ``parameters`` we read: ``deadline_ms`` (or Triton's ``timeout`` in microseconds),
 ``priority``, ``binary_data_output``. Response ``parameters`` (maxima over the rows): ``engine_ms``
 (arrival in the engine to answer), ``compute_ms`` (the model's time on the batches the rows were in),
@@ -48,7 +49,7 @@ DTYPES: dict[str, str] = {"BOOL": "?", "UINT8": "u1", "INT32": "<i4", "INT64": "
                           "FP32": "<f4", "FP64": "<f8"}
 INPUT_DTYPES = ("FP32", "FP16", "UINT8")
 OUTPUTS: dict[str, str] = {"label": "INT64", "confidence": "FP32", "exit_stage": "INT32",
-                           "blocks_executed": "FP32", "gflops": "FP64", "triage_level": "INT32"}
+                           "blocks_executed": "FP32", "gflops": "FP64", "int8_gops": "FP64", "triage_level": "INT32"}
 EXTENSIONS = ["binary_tensor_data", "parameters", "adaptive_inference_settings"]
 FP32_MAX = float(np.finfo(np.float32).max)
 

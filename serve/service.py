@@ -89,7 +89,8 @@ class InferenceService:
                                 f"{deadline_ms if deadline_ms is not None else engine.batching.slo_ms:g} ms",
                                 504, "DEADLINE_EXCEEDED")
         rows = [{"label": a.label, "confidence": a.confidence, "exit_stage": a.exit_stage,
-                 "blocks_executed": a.blocks_executed, "gflops": a.flops / 1e9, "triage_level": a.triage_level}
+                 "blocks_executed": a.blocks_executed, "gflops": a.flops / 1e9, "int8_gops": a.int8_ops / 1e9,
+                 "triage_level": a.triage_level}
                 for a in answers]
         params = {"engine_ms": round(max(a.latency_ms for a in answers), 3),
                   "compute_ms": round(max(a.compute_ms for a in answers), 3),

@@ -167,7 +167,7 @@ class TriageController:
         num_levels: how many levels the model publishes.
         slo_ms: the latency objective the auto mode protects.
         now: the time of creation (the first entry of :attr:`changes`).
-        level_costs: each level's priced cost (GFLOPs per input), to estimate the pace of a level not yet
+        level_costs: each level's priced cost (G operations per input, float and int8), to estimate the pace of a level not yet
             measured from one that was; None: unknown levels are taken to run at a measured level's pace.
         batch_limit: the most rows a batch takes (the engine passes its current limit to :meth:`observe`).
     """

@@ -80,6 +80,37 @@ def test_cascade_servable_answers_as_the_cascade_does():
     assert levels[-1].val_gflops_per_img == pytest.approx(costs.stage[0] / 1e9)
 
 
+def test_int8_cascade_answers_carry_their_int8_operations_per_input():
+    """Served in int8, a cascade's stages do int8 work that FLOPs do not count: each answer carries it
+    (stage by stage, as far as the input went), and so does the metrics counter."""
+    from models.quantize import quantize_int8
+
+    torch.manual_seed(0)
+    stages = {"lin": create_model("linear", num_classes=10, in_chans=1, image_size=8),
+              "cnn": create_model("tiny_cnn", num_classes=10, in_chans=1, width=4)}
+    cascade = build_cascade(stages, MaxProbIDK(), thresholds=[0.15]).eval()
+    x = torch.randn(30, 1, 8, 8)
+    q = quantize_int8(cascade, [x])
+    servable = CascadeAdapter(q, name="q", input_shape=(1, 8, 8), num_classes=10)
+    with torch.no_grad():
+        want = servable.run(x)
+
+    async def go():
+        engine = ServingEngine(servable, BatchingConfig(max_batch_size=8, max_delay_ms=5))
+        await engine.start()
+        out = await asyncio.gather(*(engine.submit(x[i:i + 1]) for i in range(30)))
+        await engine.stop()
+        return [a[0] for a in out], engine
+
+    got, engine = _run(go())
+    assert 0 < int((want.exit_stage == 1).sum()) < 30
+    assert [a.int8_ops for a in got] == want.int8_ops.tolist()
+    assert [a.int8_ops for a in got] == q.stage_costs(x).per_sample_int8(want.exit_stage).tolist()
+    assert min(a.int8_ops for a in got) > 0 and all(a.flops < a.int8_ops for a in got)
+    counted = engine.metrics.registry.get_sample_value("serve_int8_ops_total", {"model": "q"})
+    assert counted == pytest.approx(sum(a.int8_ops for a in got))
+
+
 def test_deadline_fires_during_a_running_batch():
     fake = FakeCascade(delay_s=0.3)
 

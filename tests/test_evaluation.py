@@ -189,6 +189,10 @@ def test_evaluation_takes_int8_models_and_names_the_latency_frontier(digits_runs
         int8 = [float(r["int8_ops"]) for r in records if r["method"] == f"{name}_int8"]
         assert sum(int8) / len(int8) / 1e9 == pytest.approx(points[f"{name}_int8"]["int8_gops_per_img"], rel=1e-9)
         assert all(float(r["int8_ops"]) == 0 for r in records if r["method"] == name)
+        # each input's share of its batch's time follows all its operations, not its float FLOPs alone
+        rate = [float(r["batch_share_ms"]) / (float(r["flops"]) + float(r["int8_ops"]))
+                for r in records if r["method"] == f"{name}_int8" and int(r["index"]) < cfg.evaluation.batch_size]
+        assert max(rate) == pytest.approx(min(rate), rel=1e-9), name
     with (tmp_path / "buckets.csv").open() as fh:
         buckets = list(csv.DictReader(fh))
     assert all((r["int8_gops_mean"] != "") == r["method"].endswith("_int8") for r in buckets)

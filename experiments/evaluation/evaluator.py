@@ -134,7 +134,8 @@ def _evaluate_point(model: ModelAdapter, point: Point, x: torch.Tensor, labels: 
             n1 = latency.batch1_inputs if latency.batch1_inputs is not None else len(x)
             b1 = _batch1_ms(model, x, n1, device, latency.warmup, latency.repeats, point)
             row["batch1_ms_p50"], row["batch1_ms_mean"] = float(np.nanmedian(b1)), float(np.nanmean(b1))
-            share = _shares(out.flops, per_batch, batch_size)
+            ops = out.flops + out.int8_ops if out.int8_ops is not None else out.flops  # an int8 model's work
+            share = _shares(ops, per_batch, batch_size)
         res.records.extend(_input_records(model, out, labels, b1, share))
     res.points.append(row)
     log.info("%s %s: acc %.4f, %.5f GFLOPs/img", model.name, point.label, row["acc"], row["gflops_per_img"])
@@ -165,7 +166,7 @@ def evaluate_models(models: list[ModelAdapter], x: torch.Tensor, y: torch.Tensor
 
 
 def _shares(flops: torch.Tensor, per_batch_ms: list[float], batch_size: int) -> np.ndarray:
-    """Each input's share of its batch's time, in proportion to its FLOPs."""
+    """Each input's share of its batch's time, in proportion to its operations (FLOPs, plus int8 ones)."""
     out = np.empty(len(flops))
     f = flops.double().numpy()
     for b, ms in enumerate(per_batch_ms):

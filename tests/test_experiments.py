@@ -116,3 +116,16 @@ def test_every_pipeline_step_composes(pipeline, tmp_path):
         step_cfg = compose_config(entry[step.task], list(step.overrides), tmp_path / f"s{i}")
         if step.get("run"):
             assert step_cfg.run_name == step.run, (pipeline, i)
+
+
+@pytest.mark.parametrize("experiment", EVAL_EXPERIMENTS)
+def test_eval_experiment_composes_and_names_its_own_models(experiment, tmp_path):
+    """Every evaluation experiment composes; its reference and every random-skip ``match`` name one of its
+    methods, and each method names a run under the log folder (what the pipeline trains)."""
+    cfg = compose_config("eval.yaml", [f"experiment={experiment}"], tmp_path)
+    methods = {k: v for k, v in cfg.evaluation.methods.items() if v is not None}
+    assert methods and cfg.evaluation.reference in methods
+    for name, ref in methods.items():
+        assert str(ref.run).startswith(cfg.paths.log_dir), name
+        if ref.get("kind") == "random_skip":
+            assert ref.match in methods and methods[ref.match].run == ref.run, name

@@ -13,7 +13,9 @@ on half the inputs is a static choice the reward does not ask for.
 
 Where the data set records a difficulty level per input (``data=mnist_c``: the corruption severity), the
 same test per level says whether the run's reward asks for more computation on harder inputs
-(:func:`flip_by_level`). Writes ``flip.csv`` (one row per block), ``flip_by_level.csv`` and
+(:func:`flip_by_level`). For each block the policy decides per input (run for between ``decided_rates``
+of the inputs), it also asks whether that decision is worth more than a static one: accuracy with the
+block on, or off, for every input against the policy's (:func:`against_static`). Writes ``flip.csv`` (one row per block), ``flip_by_level.csv`` and
 ``metrics.json`` (the tables, the summary, the reward used).
 """
 
@@ -106,6 +108,48 @@ def local_optimum(net: SkipResNet, x: torch.Tensor, y: torch.Tensor, reward: Rew
         if not moved:
             break
     return actions
+
+
+@torch.no_grad()
+def against_static(net: SkipResNet, x: torch.Tensor, y: torch.Tensor, blocks: list[int],
+                   batch_size: int) -> dict[str, torch.Tensor]:
+    """Is a per-input decision worth more than a static one? Per-input correctness ``[n]`` with the policy's
+    own decisions (``"policy"``), and for each block ``b`` in ``blocks`` with that block forced on
+    (``"on{b}"``) or off (``"off{b}"``) for every input, the other decisions as the policy took them."""
+    out: dict[str, list[torch.Tensor]] = {}
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        res = net(xb, mode="greedy", execution="skip")
+        out.setdefault("policy", []).append((res.logits.argmax(-1) == yb).cpu())
+        for b in blocks:
+            for name, value in (("on", 1.0), ("off", 0.0)):
+                forced = res.executed.clone()
+                forced[:, b] = value
+                logits = net(xb, mode="greedy", execution="skip", actions=forced).logits
+                out.setdefault(f"{name}{b}", []).append((logits.argmax(-1) == yb).cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def static_table(correct: dict[str, torch.Tensor], executed: np.ndarray, blocks: list[int],
+                 levels: np.ndarray | None) -> list[dict[str, Any]]:
+    """One row per block decided per input (:func:`against_static`): its execution rate, accuracy with the
+    policy's decisions and with the block on / off for every input, overall and per difficulty level, and
+    ``decision_gain_pts``: the policy's accuracy over the better static choice (> 0: the per-input
+    decision is worth something; <= 0: a static network would do as well)."""
+    def acc(c: torch.Tensor, sel: np.ndarray | None = None) -> float:
+        c = c.numpy() if sel is None else c.numpy()[sel]
+        return 100.0 * float(c.mean())
+
+    rows = []
+    for b in blocks:
+        pol, on, off = correct["policy"], correct[f"on{b}"], correct[f"off{b}"]
+        row = {"block": b, "exec_rate": float(executed[:, b].mean()), "acc_policy": acc(pol), "acc_on": acc(on),
+               "acc_off": acc(off), "decision_gain_pts": acc(pol) - max(acc(on), acc(off))}
+        if levels is not None:
+            for key, c in (("policy", pol), ("on", on), ("off", off)):
+                row[f"acc_{key}_by_level"] = [round(acc(c, levels == v), 2) for v in np.unique(levels)]
+        rows.append(row)
+    return rows
 
 
 def optimum_by_level(executed: np.ndarray, optimum: np.ndarray, flops: np.ndarray, optimum_flops: np.ndarray,
@@ -248,6 +292,11 @@ def gate_flip(cfg: DictConfig) -> dict[str, Any]:
                              for i in range(0, len(x), cfg.batch_size)])
         optimum = optimum_by_level(ex, opt.bool().numpy(), cost.per_sample(torch.from_numpy(ex).float()).numpy(),
                                    cost.per_sample(opt).numpy(), levels)
+    low, high = cfg.get("decided_rates", (0.05, 0.95))
+    decided = [b for b in range(1, ex.shape[1]) if low < ex[:, b].mean() < high]
+    with watch("static_s"):
+        static = static_table(against_static(net, x.to(device), y.to(device), decided, cfg.batch_size), ex, decided,
+                              levels)
     out = output_dir()
     write_csv(out / "flip.csv", table)
     if by_level:
@@ -258,9 +307,16 @@ def gate_flip(cfg: DictConfig) -> dict[str, Any]:
               "reward": {"kind": reward.kind, "alpha": reward.alpha, "beta": reward.beta,
                          "wrong_penalty": reward.wrong_penalty, "costs": reward.costs.tolist()},
               "summary": summary, "blocks": table, "by_level": by_level, "optimum_by_level": optimum,
-              "timings": watch.times,
+              "against_static": static, "timings": watch.times,
               "machine": machine_info(device), "metrics": {f"flip/{k}": v for k, v in summary.items()}}
     write_run_record(cfg, record)
+    _print(cfg, record, reward)
+    return record
+
+
+def _print(cfg: DictConfig, record: dict[str, Any], reward: Reward) -> None:
+    folder, summary, table = record["run"], record["summary"], record["blocks"]
+    by_level, optimum, out = record["by_level"], record["optimum_by_level"], record["output_dir"]
     said = (f"alpha={reward.alpha:g}, beta={reward.beta:g}" if reward.kind == "skip"
             else f"BlockDrop's reward, wrong_penalty={reward.wrong_penalty:g}")
     print(f"\nsingle-gate flip test: {folder} ({cfg.split}, {summary['n']} inputs, {said})")
@@ -276,7 +332,10 @@ def gate_flip(cfg: DictConfig) -> dict[str, Any]:
         print(f"\nby level, at the reward's per-input local optimum ({cfg.ascent_rounds} ascent sweeps from the policy's "
               f"decisions, label-aware: a ceiling):")
         print(markdown_table(optimum, floatfmt=".3g"))
-    return record
+    if record["against_static"]:
+        print("\nthe blocks decided per input, against the same block on / off for every input (accuracy, %):")
+        print(markdown_table(record["against_static"], ["block", "exec_rate", "acc_policy", "acc_on", "acc_off",
+                                                        "decision_gain_pts"], floatfmt=".4g"))
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="gate_flip.yaml")

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from experiments.gate_flip import Reward, flip_gains, flip_summary, flip_table, gate_flip
+from experiments.gate_flip import Reward, flip_gains, flip_summary, flip_table, gate_flip, static_table
 from gating.reinforce import cost_shares
 from models import create_model
 from tests.conftest import compose_config
@@ -139,3 +139,29 @@ def test_optimum_by_level_on_hand_made_patterns():
     assert [r["level"] for r in rows] == [0, 1]
     assert rows[1]["optimum_blocks_per_img"] == 2.5 and rows[1]["optimum_over_easiest"] == 2.5
     assert rows[1]["over_easiest"] == 1.0 and rows[0]["optimum_gflops_per_img"] == 1.0
+
+
+def test_static_table_on_hand_made_correctness():
+    """The policy's accuracy against the better of always-on and always-off, overall and per level."""
+    correct = {"policy": torch.tensor([1, 1, 1, 0]).bool(), "on3": torch.tensor([1, 1, 0, 0]).bool(),
+               "off3": torch.tensor([1, 0, 0, 1]).bool()}
+    executed = np.array([[1, 0, 0, 1], [1, 0, 0, 0], [1, 0, 0, 1], [1, 0, 0, 0]], dtype=bool)
+    (row,) = static_table(correct, executed, [3], np.array([0, 0, 1, 1]))
+    assert row["exec_rate"] == 0.5 and row["acc_policy"] == 75.0 and row["acc_on"] == row["acc_off"] == 50.0
+    assert row["decision_gain_pts"] == 25.0
+    assert row["acc_policy_by_level"] == [100.0, 50.0] and row["acc_off_by_level"] == [50.0, 50.0]
+
+
+def test_entry_point_tests_each_decided_block_against_static_choices(tmp_path):
+    """With every block counted as decided, a block the policy always (never) runs gives the policy's own
+    accuracy when forced on (off): the forcing changes that block only."""
+    record = _flip_untrained(tmp_path, "synthetic", "digits_skipnet20_rl", ["limit=40", "batch_size=16",
+                                                                           "decided_rates=[-1,2]"])
+    rows = record["against_static"]
+    assert [r["block"] for r in rows] == list(range(1, 9))
+    for r in rows:
+        if r["exec_rate"] == 1.0:
+            assert r["acc_on"] == r["acc_policy"]
+        if r["exec_rate"] == 0.0:
+            assert r["acc_off"] == r["acc_policy"]
+    assert any(r["exec_rate"] in (0.0, 1.0) for r in rows)

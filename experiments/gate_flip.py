@@ -14,8 +14,9 @@ on half the inputs is a static choice the reward does not ask for.
 Where the data set records a difficulty level per input (``data=mnist_c``: the corruption severity), the
 same test per level says whether the run's reward asks for more computation on harder inputs
 (:func:`flip_by_level`). For each block the policy decides per input (run for between ``decided_rates``
-of the inputs), it also asks whether that decision is worth more than a static one: accuracy with the
-block on, or off, for every input against the policy's (:func:`against_static`). Writes ``flip.csv`` (one row per block), ``flip_by_level.csv`` and
+of the inputs), it also asks whether that decision is worth anything: accuracy with the block on, or off,
+for every input against the policy's, and against running it for a random share of the inputs at the
+policy's rate, which costs the same (:func:`against_static`, :func:`static_table`). Writes ``flip.csv`` (one row per block), ``flip_by_level.csv`` and
 ``metrics.json`` (the tables, the summary, the reward used).
 """
 
@@ -133,9 +134,14 @@ def against_static(net: SkipResNet, x: torch.Tensor, y: torch.Tensor, blocks: li
 def static_table(correct: dict[str, torch.Tensor], executed: np.ndarray, blocks: list[int],
                  levels: np.ndarray | None) -> list[dict[str, Any]]:
     """One row per block decided per input (:func:`against_static`): its execution rate, accuracy with the
-    policy's decisions and with the block on / off for every input, overall and per difficulty level, and
-    ``decision_gain_pts``: the policy's accuracy over the better static choice (> 0: the per-input
-    decision is worth something; <= 0: a static network would do as well)."""
+    policy's decisions and with the block on / off for every input, overall and per difficulty level, and:
+
+    - ``gain_over_random_pts``: the policy's accuracy over running the block for a random share of the
+      inputs equal to its rate, at the same cost: ``off + rate * (on - off)``, exact in expectation (each
+      input is right with probability ``rate * on_i + (1 - rate) * off_i``). > 0: the per-input decision
+      picks the inputs the block helps;
+    - ``gain_over_best_static_pts``: over the better of always and never (always costs more).
+    """
     def acc(c: torch.Tensor, sel: np.ndarray | None = None) -> float:
         c = c.numpy() if sel is None else c.numpy()[sel]
         return 100.0 * float(c.mean())
@@ -143,8 +149,10 @@ def static_table(correct: dict[str, torch.Tensor], executed: np.ndarray, blocks:
     rows = []
     for b in blocks:
         pol, on, off = correct["policy"], correct[f"on{b}"], correct[f"off{b}"]
-        row = {"block": b, "exec_rate": float(executed[:, b].mean()), "acc_policy": acc(pol), "acc_on": acc(on),
-               "acc_off": acc(off), "decision_gain_pts": acc(pol) - max(acc(on), acc(off))}
+        rate = float(executed[:, b].mean())
+        row = {"block": b, "exec_rate": rate, "acc_policy": acc(pol), "acc_on": acc(on), "acc_off": acc(off),
+               "gain_over_random_pts": acc(pol) - (acc(off) + rate * (acc(on) - acc(off))),
+               "gain_over_best_static_pts": acc(pol) - max(acc(on), acc(off))}
         if levels is not None:
             for key, c in (("policy", pol), ("on", on), ("off", off)):
                 row[f"acc_{key}_by_level"] = [round(acc(c, levels == v), 2) for v in np.unique(levels)]
@@ -335,7 +343,8 @@ def _print(cfg: DictConfig, record: dict[str, Any], reward: Reward) -> None:
     if record["against_static"]:
         print("\nthe blocks decided per input, against the same block on / off for every input (accuracy, %):")
         print(markdown_table(record["against_static"], ["block", "exec_rate", "acc_policy", "acc_on", "acc_off",
-                                                        "decision_gain_pts"], floatfmt=".4g"))
+                                                        "gain_over_random_pts", "gain_over_best_static_pts"],
+                             floatfmt=".4g"))
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="gate_flip.yaml")

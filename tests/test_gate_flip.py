@@ -144,11 +144,15 @@ def test_optimum_by_level_on_hand_made_patterns():
 def test_static_table_on_hand_made_correctness():
     """The policy's accuracy against the better of always-on and always-off, overall and per level."""
     correct = {"policy": torch.tensor([1, 1, 1, 0]).bool(), "on3": torch.tensor([1, 1, 0, 0]).bool(),
-               "off3": torch.tensor([1, 0, 0, 1]).bool()}
+               "off3": torch.tensor([1, 0, 0, 1]).bool(), "on1": torch.tensor([1, 1, 1, 1]).bool(),
+               "off1": torch.tensor([0, 0, 1, 1]).bool()}
     executed = np.array([[1, 0, 0, 1], [1, 0, 0, 0], [1, 0, 0, 1], [1, 0, 0, 0]], dtype=bool)
-    (row,) = static_table(correct, executed, [3], np.array([0, 0, 1, 1]))
+    row, other = static_table(correct, executed, [3, 1], np.array([0, 0, 1, 1]))
+    # block 1 never runs: a random share of 0 is "off" itself; always on would be 25 points better
+    assert other["gain_over_random_pts"] == 25.0 and other["gain_over_best_static_pts"] == -25.0
     assert row["exec_rate"] == 0.5 and row["acc_policy"] == 75.0 and row["acc_on"] == row["acc_off"] == 50.0
-    assert row["decision_gain_pts"] == 25.0
+    assert row["gain_over_best_static_pts"] == 25.0
+    assert row["gain_over_random_pts"] == 25.0  # off + 0.5 * (on - off) = 50: the on/off accuracies are equal
     assert row["acc_policy_by_level"] == [100.0, 50.0] and row["acc_off_by_level"] == [50.0, 50.0]
 
 

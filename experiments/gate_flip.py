@@ -115,13 +115,16 @@ def local_optimum(net: SkipResNet, x: torch.Tensor, y: torch.Tensor, reward: Rew
 def against_static(net: SkipResNet, x: torch.Tensor, y: torch.Tensor, blocks: list[int],
                    batch_size: int) -> dict[str, torch.Tensor]:
     """Is a per-input decision worth more than a static one? Per-input correctness ``[n]`` with the policy's
-    own decisions (``"policy"``), and for each block ``b`` in ``blocks`` with that block forced on
-    (``"on{b}"``) or off (``"off{b}"``) for every input, the other decisions as the policy took them."""
+    own decisions (``"policy"``), with every block run (``"all_on"``: would more computation help?), and for
+    each block ``b`` in ``blocks`` with that block forced on (``"on{b}"``) or off (``"off{b}"``) for every
+    input, the other decisions as the policy took them."""
     out: dict[str, list[torch.Tensor]] = {}
     for i in range(0, len(x), batch_size):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
         res = net(xb, mode="greedy", execution="skip")
         out.setdefault("policy", []).append((res.logits.argmax(-1) == yb).cpu())
+        every = net(xb, mode="greedy", execution="skip", actions=torch.ones_like(res.executed), run_gates=False)
+        out.setdefault("all_on", []).append((every.logits.argmax(-1) == yb).cpu())
         for b in blocks:
             for name, value in (("on", 1.0), ("off", 0.0)):
                 forced = res.executed.clone()
@@ -158,6 +161,14 @@ def static_table(correct: dict[str, torch.Tensor], executed: np.ndarray, blocks:
                 row[f"acc_{key}_by_level"] = [round(acc(c, levels == v), 2) for v in np.unique(levels)]
         rows.append(row)
     return rows
+
+
+def _accuracy(correct: torch.Tensor, levels: np.ndarray | None) -> dict[str, Any]:
+    c = correct.numpy()
+    out: dict[str, Any] = {"acc": 100.0 * float(c.mean())}
+    if levels is not None:
+        out["acc_by_level"] = [round(100.0 * float(c[levels == v].mean()), 2) for v in np.unique(levels)]
+    return out
 
 
 def optimum_by_level(executed: np.ndarray, optimum: np.ndarray, flops: np.ndarray, optimum_flops: np.ndarray,
@@ -303,8 +314,9 @@ def gate_flip(cfg: DictConfig) -> dict[str, Any]:
     low, high = cfg.get("decided_rates", (0.05, 0.95))
     decided = [b for b in range(1, ex.shape[1]) if low < ex[:, b].mean() < high]
     with watch("static_s"):
-        static = static_table(against_static(net, x.to(device), y.to(device), decided, cfg.batch_size), ex, decided,
-                              levels)
+        correct = against_static(net, x.to(device), y.to(device), decided, cfg.batch_size)
+        static = static_table(correct, ex, decided, levels)
+    all_on = {k: _accuracy(correct[k], levels) for k in ("policy", "all_on")}
     out = output_dir()
     write_csv(out / "flip.csv", table)
     if by_level:
@@ -315,7 +327,7 @@ def gate_flip(cfg: DictConfig) -> dict[str, Any]:
               "reward": {"kind": reward.kind, "alpha": reward.alpha, "beta": reward.beta,
                          "wrong_penalty": reward.wrong_penalty, "costs": reward.costs.tolist()},
               "summary": summary, "blocks": table, "by_level": by_level, "optimum_by_level": optimum,
-              "against_static": static, "timings": watch.times,
+              "against_static": static, "policy_against_all_on": all_on, "timings": watch.times,
               "machine": machine_info(device), "metrics": {f"flip/{k}": v for k, v in summary.items()}}
     write_run_record(cfg, record)
     _print(cfg, record, reward)
@@ -340,6 +352,10 @@ def _print(cfg: DictConfig, record: dict[str, Any], reward: Reward) -> None:
         print(f"\nby level, at the reward's per-input local optimum ({cfg.ascent_rounds} ascent sweeps from the policy's "
               f"decisions, label-aware: a ceiling):")
         print(markdown_table(optimum, floatfmt=".3g"))
+    both = record["policy_against_all_on"]
+    print(f"\naccuracy with the policy's decisions {both['policy']['acc']:.2f}%, with every block run "
+          f"{both['all_on']['acc']:.2f}%" + (f" (by level: {both['policy']['acc_by_level']} against "
+                                              f"{both['all_on']['acc_by_level']})" if by_level else ""))
     if record["against_static"]:
         print("\nthe blocks decided per input, against the same block on / off for every input (accuracy, %):")
         print(markdown_table(record["against_static"], ["block", "exec_rate", "acc_policy", "acc_on", "acc_off",

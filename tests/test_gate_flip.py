@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from experiments.gate_flip import Reward, flip_gains, flip_summary, flip_table, gate_flip, static_table
+from experiments.gate_flip import Reward, against_static, flip_gains, flip_summary, flip_table, gate_flip, static_table
 from gating.reinforce import cost_shares
 from models import create_model
 from tests.conftest import compose_config
@@ -169,3 +169,23 @@ def test_entry_point_tests_each_decided_block_against_static_choices(tmp_path):
         if r["exec_rate"] == 0.0:
             assert r["acc_off"] == r["acc_policy"]
     assert any(r["exec_rate"] in (0.0, 1.0) for r in rows)
+    both = record["policy_against_all_on"]
+    assert both["policy"]["acc"] == rows[0]["acc_policy"] and 0 <= both["all_on"]["acc"] <= 100
+
+
+def test_against_static_forces_one_block_or_all_and_nothing_else():
+    torch.manual_seed(0)
+    net = create_model("skipnet20_cifar", num_classes=10, in_chans=1).eval()
+    x, y = torch.randn(12, 1, 28, 28), torch.randint(0, 10, (12,))
+    net.threshold = 0.01  # untrained gates: every block runs, so "all on" is the policy itself
+    got = against_static(net, x, y, [3], batch_size=5)
+    assert torch.equal(got["all_on"], got["policy"]) and torch.equal(got["on3"], got["policy"])
+    net.threshold = 0.99  # now none past block 0: "off" is the policy, "on" runs block 3 alone on top
+    got = against_static(net, x, y, [3], batch_size=5)
+    assert torch.equal(got["off3"], got["policy"])
+    with torch.no_grad():
+        only3 = torch.zeros(12, net.num_blocks)
+        only3[:, 0] = only3[:, 3] = 1
+        want = net(x, mode="greedy", execution="skip", actions=only3).logits.argmax(-1) == y
+        every = net(x, mode="greedy", execution="skip", actions=torch.ones(12, net.num_blocks)).logits.argmax(-1) == y
+    assert torch.equal(got["on3"], want) and torch.equal(got["all_on"], every)

@@ -16,13 +16,15 @@ same test per level says whether the run's reward asks for more computation on h
 (:func:`flip_by_level`). For each block the policy decides per input (run for between ``decided_rates``
 of the inputs), it also asks whether that decision is worth anything: accuracy with the block on, or off,
 for every input against the policy's, and against running it for a random share of the inputs at the
-policy's rate, which costs the same (:func:`against_static`, :func:`static_table`). Writes ``flip.csv`` (one row per block), ``flip_by_level.csv`` and
-``metrics.json`` (the tables, the summary, the reward used).
+policy's rate, which costs the same (:func:`against_static`, :func:`static_table`); and whether more
+computation would help: accuracy with every block run, per level. Writes ``flip.csv`` (one row per
+block), ``flip_by_level.csv`` and ``metrics.json`` (the tables, the summary, the reward used).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,6 +163,18 @@ def static_table(correct: dict[str, torch.Tensor], executed: np.ndarray, blocks:
                 row[f"acc_{key}_by_level"] = [round(acc(c, levels == v), 2) for v in np.unique(levels)]
         rows.append(row)
     return rows
+
+
+def _decided_rates(cfg: DictConfig) -> tuple[float, float]:
+    rates = cfg.get("decided_rates", (0.05, 0.95))
+    try:
+        low, high = (float(r) for r in rates)
+    except (TypeError, ValueError):
+        low = high = math.nan
+    if not low < high:
+        raise UserError(f"decided_rates must be two execution rates [low, high] with low < high (a block run for "
+                        f"a share of the inputs between them is decided per input), got {rates}")
+    return low, high
 
 
 def _accuracy(correct: torch.Tensor, levels: np.ndarray | None) -> dict[str, Any]:
@@ -311,7 +325,7 @@ def gate_flip(cfg: DictConfig) -> dict[str, Any]:
                              for i in range(0, len(x), cfg.batch_size)])
         optimum = optimum_by_level(ex, opt.bool().numpy(), cost.per_sample(torch.from_numpy(ex).float()).numpy(),
                                    cost.per_sample(opt).numpy(), levels)
-    low, high = cfg.get("decided_rates", (0.05, 0.95))
+    low, high = _decided_rates(cfg)
     decided = [b for b in range(1, ex.shape[1]) if low < ex[:, b].mean() < high]
     with watch("static_s"):
         correct = against_static(net, x.to(device), y.to(device), decided, cfg.batch_size)

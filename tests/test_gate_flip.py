@@ -101,6 +101,13 @@ def test_a_blockdrop_run_is_scored_with_its_own_reward_and_climbed_per_level(tmp
         gate_flip(budget)
 
 
+@pytest.mark.parametrize("rates", ["[0.9,0.1]", "[0.5]", "[a,b]"])
+def test_bad_decided_rates_are_refused_in_one_line(tmp_path, capsys, rates):
+    with pytest.raises(SystemExit):
+        _flip_untrained(tmp_path, "synthetic", "digits_skipnet20_rl", ["limit=8", f"decided_rates={rates}"])
+    assert "decided_rates must be two execution rates" in capsys.readouterr().err
+
+
 def test_a_run_without_gates_is_refused(tmp_path):
     data = compose_config("train.yaml", ["data=synthetic"], tmp_path / "x").data
     run = write_untrained_run(tmp_path / "logs" / "train" / "runs" / "r" / "0", "digits_resnet20", data)

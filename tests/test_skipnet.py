@@ -375,8 +375,9 @@ def _fit_few_steps(module, steps: int = 4, epochs: int = 1):
     {"stage": "rl", "prob_bound": 0.8},
     {"stage": "rl", "backbone_lr": 0.0, "train_execution": "skip", "rl_batchnorm": "eval"},
     {"stage": "sp", "drop_rate": 0.5, "drop_per_sample": True},
+    {"stage": "rl", "depth_weight": 1.0, "drop_rate": 0.5, "drop_per_sample": True},
 ], ids=["self_critical", "normalized", "entropy", "curriculum", "budget", "gumbel_global", "gumbel_per_layer",
-        "correct", "prob_bound", "frozen_backbone", "stochastic_depth"])
+        "correct", "prob_bound", "frozen_backbone", "stochastic_depth", "depth_weight"])
 def test_each_training_switch_trains_the_gates(options):
     from functools import partial
 
@@ -389,6 +390,41 @@ def test_each_training_switch_trains_the_gates(options):
     _fit_few_steps(module)
     after = net.gate.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before), options
+
+
+@pytest.mark.parametrize("depth_weight", [0.0, 1.0])
+def test_depth_weight_trains_the_blocks_the_policy_leaves_out(depth_weight):
+    """Hybrid RL trains the backbone through the policy's paths only: a block no input runs gets no gradient.
+    ``depth_weight`` adds the network at random depths, which reaches it."""
+    from functools import partial
+
+    from experiments.systems import SkipNetModule
+
+    torch.manual_seed(0)
+    net = create_model("skipnet20_cifar", in_chans=1)
+    with torch.no_grad():  # every gate closed: the policy runs block 0 and the shortcuts, nothing else
+        net.gate.proj.weight.zero_()
+        net.gate.proj.bias.fill_(-30.0)
+    options = {"depth_weight": depth_weight, "drop_rate": 0.5} if depth_weight else {}
+    module = SkipNetModule(net, partial(torch.optim.SGD, lr=0.5), stage="rl", **options)
+    block = net.blocks()[4]
+    before = {k: v.clone() for k, v in block.named_parameters()}
+    _fit_few_steps(module)
+    moved = any(not torch.equal(before[k], v) for k, v in block.named_parameters())
+    assert moved == bool(depth_weight)
+
+
+def test_depth_weight_needs_the_rl_stage_and_a_drop_rate():
+    from functools import partial
+
+    from experiments.systems import SkipNetModule
+
+    net = create_model("skipnet20_cifar", in_chans=1)
+    opt = partial(torch.optim.SGD, lr=0.1)
+    for bad in ({"stage": "rl", "depth_weight": 1.0}, {"stage": "sp", "depth_weight": 1.0, "drop_rate": 0.5},
+                {"stage": "rl", "depth_weight": -1.0, "drop_rate": 0.5}, {"stage": "rl", "drop_rate": 0.5}):
+        with pytest.raises(ValueError, match="depth_weight|drop_rate"):
+            SkipNetModule(net, opt, **bad)
 
 
 def test_curriculum_opens_the_gates_from_the_last():

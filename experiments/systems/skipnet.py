@@ -74,7 +74,13 @@ class SkipNetModule(ClassifierModule):
         drop_rate: stochastic depth in the ``sp`` and ``gumbel`` stages (Huang et al., ECCV'16): each
             sample skips each gated block with this probability, whatever its gate says, so the backbone
             learns to work with any subset of its blocks (the robustness to dropped blocks that BlockDrop
-            relies on); 0 is SkipNet's SP.
+            relies on); 0 is SkipNet's SP. In the ``rl`` stage, the rate of ``depth_weight``'s term.
+        depth_weight: ``rl`` stage: add ``depth_weight`` times the cross-entropy of the network run with
+            random blocks (stochastic depth at ``drop_rate``, gates not consulted) to the hybrid-RL loss.
+            Hybrid RL trains the backbone only through the paths the policy takes, and the blocks it leaves
+            out stop composing with them (after it, running every block is 2-4 points worse than the policy
+            on every severity: docs/adaptivity.md); this keeps every depth useful, so that more blocks can
+            still buy accuracy on hard inputs. 0 (the paper): off.
         reward_cost: ``"uniform"`` (each gate's share is 1/N, as in the paper) or ``"flops"`` (its share
             of the gated blocks' measured FLOPs).
         baseline: ``"none"`` (the paper), ``"moving"`` (a moving average per gate; ``true`` means this)
@@ -130,6 +136,7 @@ class SkipNetModule(ClassifierModule):
         backbone_lr: float | None = None,
         drop_rate: float = 0.0,
         drop_per_sample: bool = False,
+        depth_weight: float = 0.0,
         reward_cost: str = "uniform",
         baseline: bool | str = False,
         baseline_momentum: float = 0.9,
@@ -155,7 +162,7 @@ class SkipNetModule(ClassifierModule):
         _check_choices(train_execution, rl_batchnorm, pg_reduction, stage, sp_gate, reward_cost)
         self.baseline_mode = _baseline_mode(baseline)
         _check_reward_options(reward, budget, target_rate, gate_lr)
-        _check_stage_options(stage, backbone_lr, drop_rate, prob_bound, wrong_penalty)
+        _check_stage_options(stage, backbone_lr, drop_rate, prob_bound, wrong_penalty, depth_weight)
         _check_operating_options(operating_cost_pct, operating_thresholds)
         if gate_temperature != 1.0:
             net.gate.sharpen(gate_temperature)
@@ -304,7 +311,15 @@ class SkipNetModule(ClassifierModule):
         self.log("train/pg_loss", pg, on_step=False, on_epoch=True)
         self.log("train/reward", returns[:, 0].mean(), on_step=False, on_epoch=True)
         self.log("train/open_first", float(open_first), on_step=False, on_epoch=True)
-        return out, ce.mean() + hp.rl_weight * pg
+        loss = ce.mean() + hp.rl_weight * pg
+        if hp.get("depth_weight"):  # random depths too, so that blocks off the policy's paths stay useful
+            every = torch.ones_like(out.executed)
+            deep = self.net(x, mode="greedy", execution="masked", actions=every, run_gates=False,
+                            drop_rate=self._drop_rates(x))
+            depth_ce = F.cross_entropy(deep.logits, y)
+            self.log("train/depth_ce", depth_ce, on_step=False, on_epoch=True)
+            loss = loss + hp.depth_weight * depth_ce
+        return out, loss
 
     # ------------------------------------------------------------------------------------- evaluation
     def _eval_step(self, batch) -> tuple[SkipOutput, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -422,16 +437,20 @@ def _check_choices(train_execution: str, rl_batchnorm: str, pg_reduction: str, s
 
 
 def _check_stage_options(stage: str, backbone_lr: float | None, drop_rate: float, prob_bound: float,
-                         wrong_penalty: float) -> None:
+                         wrong_penalty: float, depth_weight: float = 0.0) -> None:
     if backbone_lr is not None and (not backbone_lr >= 0 or stage != "rl"):
         raise ValueError(f"backbone_lr must be >= 0 (0 freezes the backbone) or null, and is for stage 'rl' "
                          f"only; got {backbone_lr!r} with stage {stage!r}")
     if not 0.5 < prob_bound <= 1.0 or not wrong_penalty >= 0.0:
         raise ValueError(f"prob_bound must be in (0.5, 1] (got {prob_bound}) and wrong_penalty >= 0 "
                          f"(got {wrong_penalty})")
-    if not 0.0 <= drop_rate < 1.0 or (drop_rate and stage not in ("sp", "gumbel")):
-        raise ValueError(f"drop_rate must be in [0, 1) and is for stages 'sp' and 'gumbel' (stochastic depth); "
-                         f"got {drop_rate!r} with stage {stage!r}")
+    if not depth_weight >= 0.0 or (depth_weight and (stage != "rl" or not drop_rate)):
+        raise ValueError(f"depth_weight must be >= 0, and is for stage 'rl' with a drop_rate > 0 (the random depths' "
+                         f"rate); got {depth_weight!r} with stage {stage!r} and drop_rate {drop_rate!r}")
+    depth_stages = ("sp", "gumbel", "rl") if depth_weight else ("sp", "gumbel")
+    if not 0.0 <= drop_rate < 1.0 or (drop_rate and stage not in depth_stages):
+        raise ValueError(f"drop_rate must be in [0, 1) and is for stages 'sp' and 'gumbel' (stochastic depth), or "
+                         f"'rl' with depth_weight > 0; got {drop_rate!r} with stage {stage!r}")
 
 
 def _check_reward_options(reward: str, budget: float, target_rate: float, gate_lr: float | None) -> None:

@@ -105,15 +105,11 @@ def cost_trend(table: Sequence[dict[str, Any]], kinds: dict[str, str],
             continue
         rows = [r for r in table if r["method"] == m]
         unit = "gops" if any(r.get("int8_gops_mean") for r in rows) else "gflops"
-
-        def cost(r: dict[str, Any]) -> float:
-            return r["gflops_mean"] + (r.get("int8_gops_mean") or 0.0)
-
-        costs = [cost(r) for r in rows if r["bucket"] not in set_aside]
+        costs = [_bucket_ops(r) for r in rows if r["bucket"] not in set_aside]
         shape = trend_shape(costs)
         out[m] = {"kind": kind, f"{unit}_by_bucket": costs, "shape": shape, "monotone_rising": shape == "rises",
                   "hardest_over_easiest": costs[-1] / costs[0] if costs and costs[0] > 0 else math.nan,
-                  "set_aside": {r["bucket"]: {f"{unit}_mean": cost(r), "count": r["count"]}
+                  "set_aside": {r["bucket"]: {f"{unit}_mean": _bucket_ops(r), "count": r["count"]}
                                 for r in rows if r["bucket"] in set_aside}}
     return out
 
@@ -147,6 +143,11 @@ def pareto_table(points: Sequence[dict[str, Any]], reference: str | None,
 
 def _ops(p: dict[str, Any]) -> float:
     return p["gflops_per_img"] + (p.get("int8_gops_per_img") or 0.0)
+
+
+def _bucket_ops(row: dict[str, Any]) -> float:
+    """A bucket row's mean cost in G operations: float FLOPs plus int8 operations (an int8 model's work)."""
+    return row["gflops_mean"] + (row.get("int8_gops_mean") or 0.0)
 
 
 def _label(p: dict[str, Any]) -> str:
@@ -207,7 +208,7 @@ def plot_all(points: Sequence[dict[str, Any]], table: Sequence[dict[str, Any]], 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     width = 0.8 / max(len(methods), 1)
     for j, m in enumerate(methods):
-        rows = {r["bucket"]: r["gflops_mean"] + (r.get("int8_gops_mean") or 0.0) for r in table if r["method"] == m}
+        rows = {r["bucket"]: _bucket_ops(r) for r in table if r["method"] == m}
         xs = [k + j * width for k, lab in enumerate(buckets.labels) if lab in rows]
         ax.bar(xs, [rows[lab] for lab in buckets.labels if lab in rows], width, label=m)
     ax.set_xticks([k + 0.4 - width / 2 for k in range(len(buckets.labels))])

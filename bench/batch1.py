@@ -5,7 +5,10 @@
     python bench/batch1.py device=cuda
     python bench/batch1.py compile=true                              # torch.compile (Inductor) of every part
 
-For every test input, one call of each variant, interleaved (so that machine drift hits them alike):
+For every test input, one timed call of each variant, interleaved (so that machine drift hits them
+alike), each directly after an untimed call of the same variant (``primed``: every variant timed with its
+own weights in cache, as a server running one model has them; the plain ResNet shares no weights with
+the SkipNet variants and was otherwise timed cold):
 
 - ``resnet``: the plain ResNet run (its own training run);
 - ``skipnet``: the SkipNet with its own greedy decisions, gates included;
@@ -62,7 +65,8 @@ def main(cfg: DictConfig) -> None:
             own = skipnet(xi).executed
             executed.append(own)
             fns = _variants(resnet, skipnet, xi, own, all_on)
-            for name, stats in measure_interleaved(fns, device, warmup=1 if i < cfg.warmup else 0, repeats=1).items():
+            for name, stats in measure_interleaved(fns, device, warmup=1 if i < cfg.warmup else 0, repeats=1,
+                                                     primed=cfg.primed).items():
                 samples.setdefault(name, []).append(stats.median_ms)  # one call: its time
     stats = {k: LatencyStats.from_samples(v, str(device)) for k, v in samples.items()}
     med = {k: s.median_ms for k, s in stats.items()}
@@ -79,7 +83,7 @@ def main(cfg: DictConfig) -> None:
     path = write_json(cfg.output, {"rows": rows, "ratios": ratios, "machine": machine_info(device),
                                    "config": {"resnet_run": cfg.resnet_run, "skipnet_run": cfg.skipnet_run,
                                               "n_inputs": len(x_test), "threads": torch.get_num_threads(),
-                                              "compile": bool(cfg.compile)}})
+                                              "compile": bool(cfg.compile), "primed": bool(cfg.primed)}})
     print(f"\nwritten: {path}")
 
 

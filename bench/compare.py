@@ -89,7 +89,7 @@ def main(cfg: DictConfig) -> None:
     for b in cfg.batch_sizes:
         x = x_test[:b]
         t = measure_interleaved({n: (lambda m=m: m(x)) for n, m in nets.items()}, warmup=cfg.warmup,
-                                repeats=cfg.repeats, max_seconds=cfg.max_case_seconds)
+                                repeats=cfg.repeats, max_seconds=cfg.max_case_seconds, primed=cfg.primed)
         front = pareto_front(list(nets), cost=lambda n: t[n].median_ms, accuracy=lambda n: base[n]["acc"])
         ref = t[next(iter(nets))].median_ms
         for n in nets:

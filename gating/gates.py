@@ -16,14 +16,25 @@ is written as one logit (``l_execute - l_skip``), which gives the same probabili
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-GateState = tuple[torch.Tensor, torch.Tensor] | tuple[np.ndarray, np.ndarray] | None
+
+
+class HostGateState(NamedTuple):
+    """An RNN gate's state on the batch-1 CPU path (:meth:`RNNGate.logit_one`): the LSTM's ``h`` and ``c``
+    as NumPy vectors, and the fused step weights of every position, read when the pass started."""
+
+    h: np.ndarray
+    c: np.ndarray
+    weights: list
+
+
+GateState = tuple[torch.Tensor, torch.Tensor] | HostGateState | None
 
 
 def _conv_bn_relu(c_in: int, c_out: int, stride: int) -> nn.Sequential:
@@ -115,9 +126,9 @@ class RNNGate(nn.Module):
                              f"projection, when a stage starts (SkipNet's hotter): set model.gate_temperature "
                              f"instead of gate.temperature")
         self.hidden_dim = hidden_dim
-        # logit_one's fused weights per position: a cache derived from the parameters, not state (it
+        # logit_one's fused weights of every position: a cache derived from the parameters, not state (it
         # holds nothing the parameters do not, and the forward never reads it).
-        self._host_views: list | None = None
+        self._host_views: tuple | None = None
 
     def initial_state(self, batch: int, device: torch.device) -> GateState:
         z = torch.zeros(batch, self.hidden_dim, device=device)
@@ -138,23 +149,28 @@ class RNNGate(nn.Module):
         LSTM's input weights | hidden weights]`` with ``[pooled; h]``, one ``tanh`` for all four LSTM gates
         (``sigmoid(z) = (1 + tanh(z/2)) / 2``, the halving folded into the weights) and the projection.
         Inside a network at batch 1 the torch ops took about 170 us per gate and the unfused NumPy step
-        about 31 us (docs/compression.md). Elsewhere, or with autograd on, it is :meth:`forward` and one
-        host synchronisation; so it is while a dispatch mode watches the ops (FLOP counting, tracing),
-        which would not see NumPy's.
+        about 31 us (docs/compression.md). The fused weights of every position are read once, when a pass
+        starts (``state`` None or a torch state), and travel with the state (:class:`HostGateState`), as a
+        pass reads each weight once: a weight changed during a pass shows from the next pass on. (Checking
+        them at every step cost 7 us of the step's 21.) Elsewhere, or with autograd on, it is
+        :meth:`forward` and one host synchronisation; so it is while a dispatch mode watches the ops (FLOP
+        counting, tracing), which would not see NumPy's.
         """
         if not x.is_cpu or x.dtype != torch.float32 or torch.is_grad_enabled() or is_in_torch_dispatch_mode():
             if state is not None and isinstance(state[0], np.ndarray):
-                state = tuple(torch.from_numpy(s).to(x.device).unsqueeze(0) for s in state)
+                state = tuple(torch.from_numpy(s).to(x.device).unsqueeze(0) for s in state[:2])
             logit, state = self(x, index, state)
             return float(logit), state
-        w, b, w_p, b_p = self._host_weights(index)
+        if isinstance(state, HostGateState):
+            h, c, weights = state
+        else:
+            weights = self._host_weights()
+            if state is None:
+                h = c = np.zeros(self.hidden_dim, dtype=np.float32)
+            else:  # a torch state (the first positions ran elsewhere)
+                h, c = (s.detach().cpu().numpy().reshape(-1) for s in state)
+        w, b, w_p, b_p = weights[index]
         n = self.hidden_dim
-        if state is None:
-            h = c = np.zeros(n, dtype=np.float32)
-        elif isinstance(state[0], np.ndarray):
-            h, c = state
-        else:  # a torch state (the first positions ran elsewhere)
-            h, c = (s.detach().cpu().numpy().reshape(-1) for s in state)
         z = w @ np.concatenate((_pooled(x), h))
         z += b
         t = np.tanh(z, out=z)  # torch's gate order: input, forget, cell, output
@@ -162,42 +178,37 @@ class RNNGate(nn.Module):
         s += 0.5
         c = s[n:2 * n] * c + s[:n] * t[2 * n:3 * n]
         h = s[3 * n:] * np.tanh(c)
-        return float(w_p @ h) + b_p, (h, c)
+        return float(w_p @ h) + b_p, HostGateState(h, c, weights)
 
-    def _host_weights(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-        """Position ``index``'s fused step weights (see :meth:`logit_one`), computed from the parameters and
+    def _host_weights(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, float]]:
+        """Every position's fused step weights (see :meth:`logit_one`), computed from the parameters and
         kept until one of them changes: an optimizer step, a loaded state dict or :meth:`sharpen` writes in
-        place and bumps the tensor's version; ``.to()`` or assigned parameters change its storage. Both are
-        part of the key, so a changed weight is never served stale. A cache of derived weights, not state."""
-        cache = self._host_views
-        if cache is None or len(cache) != len(self.embed):
-            cache = self._host_views = [None] * len(self.embed)
-        hit = cache[index]
-        if hit is not None:
-            # Parameters read from their modules' dicts (cheap; nn.Module attribute access is not): the same
-            # objects, storage and versions as when the weights were fused.
-            (embed, lstm, proj), fused, refs, key = hit
-            e, l_, p_ = embed._parameters, lstm._parameters, proj._parameters
-            now = (e["weight"], e["bias"], l_["weight_ih"], l_["weight_hh"], l_["bias_ih"], l_["bias_hh"],
-                   p_["weight"], p_["bias"])
-            same = (self._modules["lstm"] is lstm and self._modules["proj"] is proj
-                    and self.embed._modules[str(index)] is embed and all(a is b for a, b in zip(now, refs)))
-            if same and key == tuple((t.data_ptr(), t._version) for t in now):
-                return fused
-        embed, lstm = self.embed[index], self.lstm
-        params = (embed.weight, embed.bias, lstm.weight_ih, lstm.weight_hh, lstm.bias_ih, lstm.bias_hh,
-                  self.proj.weight, self.proj.bias)
-        key = tuple((p.data_ptr(), p._version) for p in params)
+        place and bumps the tensor's version; ``.to()`` or assigned parameters change its storage or the
+        object. All three are part of the key, so a changed weight is never served stale. A cache of
+        derived weights, not state."""
+        # Parameters read from the modules' dicts (nn.Module attribute access costs several times more).
+        lstm, proj = self._modules["lstm"]._parameters, self._modules["proj"]._parameters
+        params = [p for m in self.embed._modules.values() for p in (m._parameters["weight"], m._parameters["bias"])]
+        params += (lstm["weight_ih"], lstm["weight_hh"], lstm["bias_ih"], lstm["bias_hh"], proj["weight"],
+                   proj["bias"])
+        key = [(id(p), p.data_ptr(), p._version) for p in params]
+        hit = self._host_views
+        if hit is not None and hit[0] == key:
+            return hit[1]
         with torch.no_grad():
-            w_e, b_e, w_ih, w_hh, b_ih, b_hh, w_p, b_p = (p.detach().double() for p in params)
-            w = torch.cat([w_ih @ w_e, w_hh], 1)
-            b = w_ih @ b_e + b_ih + b_hh
+            w_ih, w_hh, b_ih, b_hh, w_p, b_p = (p.detach().double() for p in params[-6:])
             half = torch.ones(4 * self.hidden_dim, dtype=torch.float64)
             half[:2 * self.hidden_dim] = 0.5  # input and forget gates: sigmoid(z) = (1 + tanh(z / 2)) / 2
             half[3 * self.hidden_dim:] = 0.5  # output gate
-            fused = ((w * half[:, None]).float().numpy(), (b * half).float().numpy(), w_p[0].float().numpy(),
-                     float(b_p[0]))
-        cache[index] = ((embed, lstm, self.proj), fused, params, key)
+            fused = []
+            for k in range(len(self.embed)):
+                w_e, b_e = (p.detach().double() for p in params[2 * k:2 * k + 2])
+                w = torch.cat([w_ih @ w_e, w_hh], 1)
+                b = w_ih @ b_e + b_ih + b_hh
+                fused.append(((w * half[:, None]).float().numpy(), (b * half).float().numpy(),
+                              w_p[0].float().numpy(), float(b_p[0])))
+        # The parameters themselves are kept with the key, so no id in it is reused by another tensor.
+        self._host_views = (key, fused, params)
         return fused
 
     @torch.no_grad()

@@ -260,8 +260,19 @@ def test_rnn_gate_logit_one_is_its_forward_step_for_one_input():
             assert np.allclose(one_state[0], state[0][0].numpy(), atol=1e-6)
     one, grad_state = gate.logit_one(xs[2], 2, before)  # with autograd on: the torch step, same logit
     assert isinstance(grad_state[0], torch.Tensor) and one == pytest.approx(float(logit), abs=1e-5)
-    with torch.no_grad():  # weights changed in place (an optimizer step, a loaded state dict) show through
+    with torch.no_grad():  # weights changed in place (an optimizer step, a loaded state dict) show from the next pass
         gate.load_state_dict({k: v * 1.5 for k, v in gate.state_dict().items()})
         gate.sharpen(0.5)
-        assert gate.logit_one(xs[2], 2, before)[0] == pytest.approx(float(gate(xs[2], 2, tuple(
-            torch.from_numpy(s).unsqueeze(0) for s in before))[0]), abs=1e-5)
+        state, one_state = gate.initial_state(1, torch.device("cpu")), None
+        for k, x in enumerate(xs):
+            logit, state = gate(x, k, state)
+            one, one_state = gate.logit_one(x, k, one_state)
+            assert one == pytest.approx(float(logit), abs=1e-5)
+        # a pass that starts from a torch state (its first positions ran batched) reads them too
+        torch_state = gate(xs[0], 0, gate.initial_state(1, torch.device("cpu")))[1]
+        gate.proj.bias.add_(1.0)
+        assert gate.logit_one(xs[1], 1, torch_state)[0] == pytest.approx(float(gate(xs[1], 1, torch_state)[0]),
+                                                                         abs=1e-5)
+        gate.to(torch.float64).to(torch.float32)  # new storage, same values: the same logits
+        assert gate.logit_one(xs[1], 1, torch_state)[0] == pytest.approx(float(gate(xs[1], 1, torch_state)[0]),
+                                                                         abs=1e-5)

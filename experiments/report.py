@@ -31,7 +31,10 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None
 
 
 def machine_info(device: torch.device | str | None = None) -> dict[str, Any]:
-    """What a timing was measured on: CPU model and cores, torch version, threads, GPU name."""
+    """What a timing was measured on: CPU model and cores, torch version, threads, GPU name, and the
+    memory allocator's settings (``LD_PRELOAD``, glibc's ``MALLOC_*``): on the CPU, glibc's default
+    returns large freed tensors to the system, and the page faults of taking them back slowed full-batch
+    passes by 20-40% at batch 64 here (docs/compression.md)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -48,6 +51,7 @@ def machine_info(device: torch.device | str | None = None) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device or "cpu"),
+        "allocator_env": {k: v for k, v in sorted(os.environ.items()) if k == "LD_PRELOAD" or k.startswith("MALLOC_")},
     }
     if device is not None and torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))

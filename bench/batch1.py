@@ -4,6 +4,7 @@
     python bench/batch1.py output=docs/results/batch1_mnist_cpu.json
     python bench/batch1.py device=cuda
     python bench/batch1.py compile=true                              # torch.compile (Inductor) of every part
+    python bench/batch1.py compile=true on_device=true               # the SkipNet as one graph (torch.cond)
 
 For every test input, one timed call of each variant, interleaved (so that machine drift hits them
 alike), each directly after an untimed call of the same variant (``primed``: every variant timed with its
@@ -33,12 +34,13 @@ from experiments.report import machine_info, markdown_table, pick_device, write_
 from experiments.runs import compile_for_inference, load_net
 from experiments.utils import run_hydra, user_facing
 from gating.cost import LatencyStats, measure_interleaved
+from skipnet import OnDeviceDecisions, compile_on_device
 
 
-def _variants(resnet, skipnet, xi: torch.Tensor, own: torch.Tensor, all_on: torch.Tensor) -> dict:
+def _variants(resnet, skipnet, backbone, xi: torch.Tensor, own: torch.Tensor, all_on: torch.Tensor) -> dict:
     return {"resnet": lambda: resnet(xi), "skipnet": lambda: skipnet(xi),
             "skipnet_all_on": lambda: skipnet(xi, actions=all_on),
-            "backbone": lambda: skipnet.backbone(xi),
+            "backbone": lambda: backbone(xi),
             "skipnet_no_gates": lambda: skipnet(xi, actions=own, run_gates=False)}
 
 
@@ -54,17 +56,28 @@ def main(cfg: DictConfig) -> None:
     x_test, _ = batches_to_tensor(dm.test_dataloader())
     x_test = x_test[: cfg.n_inputs].to(device) if cfg.n_inputs else x_test.to(device)
     resnet, skipnet = (load_net(r).to(device).eval() for r in (cfg.resnet_run, cfg.skipnet_run))
-    if cfg.compile:  # the ResNet whole, the SkipNet's blocks (its gates and decisions stay eager)
-        resnet, skipnet = compile_for_inference(resnet), compile_for_inference(skipnet)
+    decide = skipnet  # the decisions every variant replays: the eager SkipNet's
+    if cfg.on_device:  # the SkipNet as one graph with its decisions on the device; the backbone whole
+        skip_fn = compile_on_device(skipnet, cpp_wrapper=cfg.cpp_wrapper) if cfg.compile else OnDeviceDecisions(skipnet)
+        if cfg.compile:  # the two plain networks compiled as the SkipNet is (cpp_wrapper alike)
+            resnet, backbone = (torch.compile(m, options={"cpp_wrapper": bool(cfg.cpp_wrapper)})
+                                for m in (resnet, skipnet.backbone))
+        else:
+            backbone = skipnet.backbone
+    elif cfg.compile:  # the ResNet whole, the SkipNet's blocks (its gates and decisions stay eager)
+        resnet, skip_fn = compile_for_inference(resnet), compile_for_inference(skipnet)
+        backbone = skip_fn.backbone
+    else:
+        skip_fn, backbone = skipnet, skipnet.backbone
     all_on = torch.ones(1, skipnet.num_blocks, device=device)
     samples: dict[str, list[float]] = {}
     executed = []
     with torch.no_grad():
         for i in range(len(x_test)):
             xi = x_test[i:i + 1]
-            own = skipnet(xi).executed
+            own = decide(xi).executed
             executed.append(own)
-            fns = _variants(resnet, skipnet, xi, own, all_on)
+            fns = _variants(resnet, skip_fn, backbone, xi, own, all_on)
             for name, stats in measure_interleaved(fns, device, warmup=1 if i < cfg.warmup else 0, repeats=1,
                                                      primed=cfg.primed).items():
                 samples.setdefault(name, []).append(stats.median_ms)  # one call: its time
@@ -83,7 +96,9 @@ def main(cfg: DictConfig) -> None:
     path = write_json(cfg.output, {"rows": rows, "ratios": ratios, "machine": machine_info(device),
                                    "config": {"resnet_run": cfg.resnet_run, "skipnet_run": cfg.skipnet_run,
                                               "n_inputs": len(x_test), "threads": torch.get_num_threads(),
-                                              "compile": bool(cfg.compile), "primed": bool(cfg.primed)}})
+                                              "compile": bool(cfg.compile), "on_device": bool(cfg.on_device),
+                                              "cpp_wrapper": bool(cfg.cpp_wrapper),
+                                              "primed": bool(cfg.primed)}})
     print(f"\nwritten: {path}")
 
 

@@ -6,6 +6,6 @@ that trains them (supervised pre-training, hybrid RL) is :class:`experiments.sys
 """
 
 from skipnet.adapters import RandomSkipAdapter, SkipNetAdapter
-from skipnet.models import GATES, SkipOutput, SkipResNet
+from skipnet.models import GATES, OnDeviceDecisions, SkipOutput, SkipResNet, compile_on_device
 
-__all__ = ["GATES", "RandomSkipAdapter", "SkipNetAdapter", "SkipOutput", "SkipResNet"]
+__all__ = ["GATES", "OnDeviceDecisions", "RandomSkipAdapter", "SkipNetAdapter", "SkipOutput", "SkipResNet", "compile_on_device"]

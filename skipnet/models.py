@@ -265,3 +265,68 @@ class SkipResNet(nn.Module):
             self, example_input, blocks=[(paths[b], b) for b in self._blocks], gates=["gate"],
             forward=lambda inp: self(inp, mode="greedy", execution="skip", actions=all_on.to(inp.device)),
         )
+
+
+class OnDeviceDecisions(nn.Module):
+    """A SkipNet's batch-1 inference with every decision left on the device: each block is a
+    ``torch.cond`` on its gate's logit, so the pass never asks the host which branch to take.
+
+    Eagerly this is no faster than :meth:`SkipResNet.forward` at batch 1 (``torch.cond`` reads the
+    predicate); it is written to be compiled whole, gates and branches in one graph:
+    ``torch.compile(OnDeviceDecisions(net), options={"layout_optimization": False})`` (the option:
+    Inductor otherwise picks a channels-last layout for one branch's output that the other branch's
+    compiled code does not accept, an Inductor bug as of torch 2.14). A GPU then runs the whole pass
+    without one host synchronisation; on the CPU, the gates and decisions run as compiled code rather than
+    17 Python steps. Outputs and decisions are :meth:`SkipResNet.forward`'s (a test checks both).
+
+    Args:
+        net: the SkipNet; its modules are used as they are (not copied).
+        threshold: the gate threshold (default: the net's).
+
+    ``forward(x, actions=None, run_gates=True)``: ``x`` is ``[1, C, H, W]``; ``actions`` ``[1, N]``
+    forces the decisions (the gates still run unless ``run_gates=False``), as in :meth:`SkipResNet.forward`.
+    """
+
+    def __init__(self, net: SkipResNet, threshold: float | None = None) -> None:
+        super().__init__()
+        self.net = net
+        self.threshold_logit = threshold_logit(net.threshold if threshold is None else threshold)
+
+    def forward(self, x: torch.Tensor, actions: torch.Tensor | None = None, run_gates: bool = True) -> SkipOutput:
+        if x.shape[0] != 1:
+            raise ValueError(f"OnDeviceDecisions runs one input at a time, got a batch of {x.shape[0]}")
+        if actions is None and not run_gates:
+            raise ValueError("run_gates=False needs actions: without gates there are no decisions")
+        net = self.net
+        blocks = net.blocks()
+        x = net.backbone.stem(x)
+        x = blocks[0](x)
+        state = net.gate.initial_state(1, x.device) if run_gates else None
+        runs, logits = [torch.ones((), dtype=torch.bool, device=x.device)], []
+        for i in range(1, len(blocks)):
+            if run_gates:
+                logit, state = net.gate(x, i - 1, state)
+                logits.append(logit[0])
+            run = actions[0, i] > 0.5 if actions is not None else logits[-1] > self.threshold_logit
+            block = blocks[i]
+            # Both branches return a fresh tensor: torch.cond may not alias its input.
+            x = torch.cond(run, lambda t, b=block: b(t), lambda t, b=block: _fresh(shortcut(b, t), t), (x,))
+            runs.append(run)
+        executed = torch.stack(runs).to(x.dtype).unsqueeze(0)
+        probs = torch.sigmoid(torch.stack(logits)).unsqueeze(0) if logits else executed[:, 1:]
+        return SkipOutput(net.backbone.forward_head(x), executed, probs, None)
+
+
+def compile_on_device(net: SkipResNet, threshold: float | None = None, backend: str = "inductor",
+                      cpp_wrapper: bool = False) -> nn.Module:
+    """``torch.compile`` of :class:`OnDeviceDecisions` for ``net``: its batch-1 pass as one graph, the
+    decisions on the device. Compiles on the first call (about 30 s for SkipNet-38 on a 2-core CPU;
+    ``cpp_wrapper``, Inductor's C++ wrapper instead of Python between the kernels and branches, about 70 s).
+    On the CPU it is slower than the eager batch-1 pass (docs/compression.md): written for a GPU, where the
+    eager pass waits on the host at every block."""
+    options = {"layout_optimization": False, "cpp_wrapper": cpp_wrapper} if backend == "inductor" else None
+    return torch.compile(OnDeviceDecisions(net, threshold), backend=backend, options=options)
+
+
+def _fresh(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return y.clone() if y is x else y

@@ -585,3 +585,34 @@ def test_operating_point_is_chosen_on_val_and_kept_by_the_run(tmp_path):
         _module(operating_cost_pct=0)
     with pytest.raises(ValueError, match="operating_thresholds"):
         _module(operating_cost_pct=50, operating_thresholds=[0.5, 1.0])
+
+
+def test_on_device_decisions_give_the_skipnets_outputs_eager_and_compiled():
+    """OnDeviceDecisions (each block a torch.cond on its gate) decides, answers and reports as the
+    SkipNet's own batch-1 pass, eagerly and compiled whole, with forced actions and without gates too."""
+    from skipnet import OnDeviceDecisions, compile_on_device
+
+    torch.manual_seed(0)
+    net = create_model("skipnet20_cifar", num_classes=10, in_chans=1).eval()
+    with torch.no_grad():  # spread the gates' logits so that some blocks run and some do not
+        net.gate.proj.bias.zero_()
+        net.gate.proj.weight.normal_(0.0, 20.0)
+    xs = torch.randn(6, 1, 16, 16)
+    eager, compiled = OnDeviceDecisions(net), compile_on_device(net)
+    some_on = torch.tensor([[1.0, 0, 1, 1, 0, 0, 1, 0, 1]])
+    seen = set()
+    with torch.no_grad():
+        for i in range(len(xs)):
+            xi = xs[i:i + 1]
+            ref = net(xi)
+            seen.add(tuple(ref.executed[0].tolist()))
+            for fn, variants in ((eager, ({}, {"actions": some_on}, {"actions": some_on, "run_gates": False})),
+                                 (compiled, ({}, {"actions": some_on}))):  # a graph per variant: two compiled
+                for kwargs in variants:
+                    want, got = net(xi, **kwargs), fn(xi, **kwargs)
+                    assert torch.equal(got.executed, want.executed)
+                    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-4)
+                    torch.testing.assert_close(got.probs, want.probs, rtol=1e-4, atol=1e-4)
+    assert len(seen) > 1 and all(0 < sum(p) < net.num_blocks for p in seen)  # the inputs took different paths
+    with pytest.raises(ValueError, match="one input at a time"):
+        eager(xs[:2])

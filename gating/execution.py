@@ -51,10 +51,12 @@ def run_rows(fn_on: Fn, fn_off: Fn, x: torch.Tensor, on: torch.Tensor, inplace: 
         return fn_on(x)
     if n_on == 0:
         return fn_off(x)
+    # index_select, not x[idx]: the same rows, in less than half the time on the CPU (64 us against 150 for
+    # 32 of 64 rows of 16x32x32, docs/compression.md).
     if inplace and fn_off is identity:
-        return x.index_copy_(0, idx_on, fn_on(x[idx_on]))
+        return x.index_copy_(0, idx_on, fn_on(x.index_select(0, idx_on)))
     idx_off = (~on).nonzero().squeeze(1)
-    y_on, y_off = fn_on(x[idx_on]), fn_off(x[idx_off])
+    y_on, y_off = fn_on(x.index_select(0, idx_on)), fn_off(x.index_select(0, idx_off))
     out = y_on.new_empty((x.shape[0], *y_on.shape[1:]))
     out[idx_on] = y_on
     out[idx_off] = y_off

@@ -24,7 +24,6 @@ import torch.nn as nn
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 
-
 class HostGateState(NamedTuple):
     """An RNN gate's state on the batch-1 CPU path (:meth:`RNNGate.logit_one`): the LSTM's ``h`` and ``c``
     as NumPy vectors, and the fused step weights of every position, read when the pass started."""

@@ -275,9 +275,11 @@ class OnDeviceDecisions(nn.Module):
     predicate); it is written to be compiled whole, gates and branches in one graph:
     ``torch.compile(OnDeviceDecisions(net), options={"layout_optimization": False})`` (the option:
     Inductor otherwise picks a channels-last layout for one branch's output that the other branch's
-    compiled code does not accept, an Inductor bug as of torch 2.14). A GPU then runs the whole pass
-    without one host synchronisation; on the CPU, the gates and decisions run as compiled code rather than
-    17 Python steps. Outputs and decisions are :meth:`SkipResNet.forward`'s (a test checks both).
+    compiled code does not accept, an Inductor bug as of torch 2.14); :func:`compile_on_device` does it.
+    A GPU then runs the whole pass without one host synchronisation. On a 2-core CPU it measured slower
+    than the eager batch-1 pass (each branch and each small gate kernel costs more compiled than the
+    eager pass's NumPy gate step; docs/compression.md). Outputs and decisions are
+    :meth:`SkipResNet.forward`'s (a test checks both).
 
     Args:
         net: the SkipNet; its modules are used as they are (not copied).

@@ -59,11 +59,10 @@ def main(cfg: DictConfig) -> None:
     decide = skipnet  # the decisions every variant replays: the eager SkipNet's
     if cfg.on_device:  # the SkipNet as one graph with its decisions on the device; the backbone whole
         skip_fn = compile_on_device(skipnet, cpp_wrapper=cfg.cpp_wrapper) if cfg.compile else OnDeviceDecisions(skipnet)
+        backbone = skipnet.backbone
         if cfg.compile:  # the two plain networks compiled as the SkipNet is (cpp_wrapper alike)
-            resnet, backbone = (torch.compile(m, options={"cpp_wrapper": bool(cfg.cpp_wrapper)})
-                                for m in (resnet, skipnet.backbone))
-        else:
-            backbone = skipnet.backbone
+            options = {"cpp_wrapper": bool(cfg.cpp_wrapper)}
+            resnet, backbone = (compile_for_inference(m, options=options) for m in (resnet, backbone))
     elif cfg.compile:  # the ResNet whole, the SkipNet's blocks (its gates and decisions stay eager)
         resnet, skip_fn = compile_for_inference(resnet), compile_for_inference(skipnet)
         backbone = skip_fn.backbone

@@ -302,20 +302,22 @@ def _int8_of(module: nn.Module, cfg: DictConfig, batches: int, name: str) -> nn.
     return quantize_int8(module, calibration)
 
 
-def compile_for_inference(module: nn.Module, backend: str = "inductor") -> nn.Module:
+def compile_for_inference(module: nn.Module, backend: str = "inductor", options: dict[str, Any] | None = None
+                          ) -> nn.Module:
     """``module`` with its static parts compiled for inference, in place where it has parts (see
-    :func:`load_run`'s ``compile``): a SkipNet's blocks, a cascade's stages, else the module whole."""
+    :func:`load_run`'s ``compile``): a SkipNet's blocks, a cascade's stages, else the module whole.
+    ``options``: the backend's (:class:`gating.execution.DynamicBatchCompiled`)."""
     from gating.execution import DynamicBatchCompiled
 
     module.eval()
     if isinstance(module, SkipResNet):
-        module.replace_blocks([DynamicBatchCompiled(b, backend) for b in module.blocks()])
+        module.replace_blocks([DynamicBatchCompiled(b, backend, options=options) for b in module.blocks()])
         return module
     if isinstance(module, IDKCascade):
         for k, stage in enumerate(module.stages):
-            module.stages[k] = DynamicBatchCompiled(stage, backend)
+            module.stages[k] = DynamicBatchCompiled(stage, backend, options=options)
         return module
-    return DynamicBatchCompiled(module, backend)
+    return DynamicBatchCompiled(module, backend, options=options)
 
 
 def _legacy_kind(kind: str | None, legacy: dict[str, Any]) -> str | None:

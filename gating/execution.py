@@ -144,13 +144,15 @@ class DynamicBatchCompiled(torch.nn.Module):
         backend: the torch.compile backend (``inductor``; ``eager`` or ``aot_eager`` to debug).
         mode: torch.compile's mode (``None``, ``max-autotune-no-cudagraphs``...); CUDA graphs need one
             graph per batch size, so ``reduce-overhead`` is for fixed batches only.
+        options: the backend's options instead of a mode (Inductor: ``{"cpp_wrapper": True}``...).
     """
 
-    def __init__(self, module: torch.nn.Module, backend: str = "inductor", mode: str | None = None) -> None:
+    def __init__(self, module: torch.nn.Module, backend: str = "inductor", mode: str | None = None,
+                 options: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.module = module
         # The bound forward, not the module: compiling the module would register it a second time.
-        self._compiled = torch.compile(module.forward, backend=backend, mode=mode)
+        self._compiled = torch.compile(module.forward, backend=backend, mode=mode, options=options)
 
     @property
     def downsample(self) -> torch.nn.Module | None:
